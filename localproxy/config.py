@@ -120,9 +120,14 @@ class ProxyConfig:
     tunnel_id: str | None = None
     rotate_on_reject: bool = False
     max_rotations: int = 3
+    # Service ids of ``services`` that came from --config-dir files: as in the
+    # reference, such a mapping is used if the tunnel has that service and is
+    # not an error if it does not (a shared ./config may list other services).
+    optional_services: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
+        object.__setattr__(self, "optional_services", frozenset(self.optional_services))
 
     @property
     def effective_bind_address(self) -> str:

@@ -1,0 +1,97 @@
+"""``localproxy`` command: a drop-in for the reference C++ local proxy's CLI.
+
+Parsing lives in ``localproxy.command`` (:func:`parse_command_line`), syntax in
+``localproxy.options``; this module prints, sets up logging and runs the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import ssl
+import sys
+from importlib import metadata
+from typing import Any, Coroutine, Sequence
+
+from . import __version__
+from .command import ParsedCommand, parse_command_line
+from .errors import ExitCode, LocalProxyError, UsageError
+from .logs import setup_logging
+from .options import TRY_HELP, help_text
+from .settings import export_settings
+
+__all__ = ["main", "parse_command_line", "ParsedCommand", "run_async", "version_text"]
+
+log = logging.getLogger("localproxy.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the proxy as the ``localproxy`` command would; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parsed = parse_command_line(arguments, os.environ)
+    # Printed as is: these messages never hold a token (they must stay exact).
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        print(TRY_HELP, file=sys.stderr)
+        return ExitCode.USAGE
+    except LocalProxyError as exc:  # unreadable or malformed files
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+
+    if parsed.show_help:
+        sys.stdout.write(help_text())
+        return ExitCode.OK
+    if parsed.show_version:
+        sys.stdout.write(version_text())
+        return ExitCode.OK
+    if parsed.export_settings_path is not None:
+        try:
+            export_settings(parsed.export_settings_path)
+        except LocalProxyError as exc:
+            print(str(exc), file=sys.stderr)
+            return exc.exit_code
+        return ExitCode.OK
+
+    setup_logging(parsed.verbosity)
+    for level, message in parsed.log_messages:
+        log.log(level, "%s", message)
+    assert parsed.config is not None
+    try:
+        from .proxy import run_proxy
+    except ImportError as exc:
+        log.critical("The proxy engine (localproxy.proxy) cannot be loaded: %s", exc)
+        return ExitCode.INTERNAL
+    try:
+        return int(run_async(run_proxy(parsed.config)))
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    except LocalProxyError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except Exception:  # a bug: say so, with the traceback (redacted by the filter)
+        log.critical("Internal error, please report it", exc_info=True)
+        return ExitCode.INTERNAL
+
+
+def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coroutine`` to completion, on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+def version_text() -> str:
+    """``localproxy-python X.Y.Z`` then the versions that matter in a bug report."""
+    parts = [f"python {platform.python_version()}", ssl.OPENSSL_VERSION]
+    for package in ("websockets", "protobuf", "uvloop"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"localproxy-python {__version__}\n{', '.join(parts)}\n"

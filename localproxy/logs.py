@@ -1,0 +1,178 @@
+"""Logging in the reference proxy's format, with secrets masked.
+
+Format (as the C++ ``localproxy`` prints it)::
+
+    [2019-01-17T21:37:15.528290]{632}[info]    message
+
+``-v`` levels: 0 off, 1 fatal, 2 error, 3 warning, 4 info, 5 debug, 6+ trace.
+
+Secrets (access tokens, client tokens, proxy passwords) are registered once with
+:func:`register_secret`; :class:`RedactingFilter` replaces them by ``<redacted>``
+in every record passing through a handler it is attached to. ``setup_logging``
+installs it; library users can attach it to their own handlers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import sys
+import threading
+from typing import TextIO
+
+TRACE = 5
+logging.addLevelName(TRACE, "trace")
+
+REDACTED = "<redacted>"
+
+# Reference level names, lower case as boost::log prints them.
+_LEVEL_NAMES = {
+    TRACE: "trace",
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "fatal",
+}
+
+# -v value -> lowest level shown; 0 is "off".
+_VERBOSITY_LEVELS = {
+    1: logging.CRITICAL,
+    2: logging.ERROR,
+    3: logging.WARNING,
+    4: logging.INFO,
+    5: logging.DEBUG,
+    6: TRACE,
+}
+_OFF = logging.CRITICAL + 10
+
+_secrets: set[str] = set()
+_secrets_pattern: re.Pattern[str] | None = None
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str | None) -> None:
+    """Mask ``value`` in every log record and in :func:`redact` from now on."""
+    global _secrets_pattern
+    if not value:
+        return
+    with _secrets_lock:
+        if value in _secrets:
+            return
+        _secrets.add(value)
+        # Longest first so that a secret containing another is masked whole.
+        ordered = sorted(_secrets, key=len, reverse=True)
+        _secrets_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced by ``<redacted>``."""
+    pattern = _secrets_pattern
+    if pattern is None or not text:
+        return text
+    return pattern.sub(REDACTED, text)
+
+
+def level_for_verbosity(verbosity: int) -> int:
+    """The lowest logging level shown at ``-v verbosity`` (0 gives a level above all)."""
+    if verbosity <= 0:
+        return _OFF
+    return _VERBOSITY_LEVELS[min(verbosity, 6)]
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces registered secrets in the message, its args and exception text.
+
+    The record is rewritten in place (message merged with its args) so every
+    later handler and formatter only ever sees the masked text.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _secrets_pattern is None:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep the record, mask what we can
+            message = f"{record.msg!s} {record.args!r}"
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+class ReferenceFormatter(logging.Formatter):
+    """``[local ISO time with microseconds]{pid}[level]<pad> message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created).strftime("%Y-%m-%dT%H:%M:%S.%f")
+        level = "[" + _level_name(record.levelno) + "]"
+        # The reference prints the bracketed level in a field of 9, then a space.
+        line = f"[{stamp}]{{{os.getpid()}}}{level:<9} {record.getMessage()}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        # Belt and braces: the filter already masked the record.
+        return redact(line)
+
+
+def _level_name(levelno: int) -> str:
+    if levelno in _LEVEL_NAMES:
+        return _LEVEL_NAMES[levelno]
+    # Custom levels: the closest standard level at or below.
+    below = [level for level in _LEVEL_NAMES if level <= levelno]
+    return _LEVEL_NAMES[max(below)] if below else "trace"
+
+
+# (logger, our handler, its level and propagate before setup_logging)
+_installed: list[tuple[logging.Logger, logging.Handler, int, bool]] = []
+
+# Third-party loggers routed through our handler: their debug output can carry
+# request headers (the access token), so it must pass the redacting filter.
+_THIRD_PARTY_LOGGERS = ("websockets", "asyncio")
+
+
+def setup_logging(verbosity: int, stream: TextIO | None = None) -> logging.Handler:
+    """Send ``localproxy.*`` logs to ``stream`` (stderr) at the ``-v`` level.
+
+    Calling it again replaces the previous setup (handy in tests). Returns the
+    handler, which carries the :class:`RedactingFilter`.
+    """
+    reset_logging()
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(ReferenceFormatter())
+    handler.addFilter(RedactingFilter())
+    level = level_for_verbosity(verbosity)
+    handler.setLevel(level)
+
+    _attach(logging.getLogger("localproxy"), handler, level)
+    # Library chatter only at trace level; warnings and errors always (if shown).
+    third_party_level = max(level, logging.DEBUG if verbosity >= 6 else logging.WARNING)
+    for name in _THIRD_PARTY_LOGGERS:
+        _attach(logging.getLogger(name), handler, third_party_level)
+    return handler
+
+
+def reset_logging() -> None:
+    """Undo :func:`setup_logging`: remove its handler, restore levels and propagation."""
+    for logger, handler, level, propagate in reversed(_installed):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    _installed.clear()
+
+
+def _attach(logger: logging.Logger, handler: logging.Handler, level: int) -> None:
+    _installed.append((logger, handler, logger.level, logger.propagate))
+    logger.setLevel(level)
+    logger.addHandler(handler)
+    logger.propagate = False  # our handler is the output; no duplicates via root
