@@ -1,0 +1,274 @@
+"""The library entry point: :class:`LocalProxy` and the CLI's :func:`run_proxy`.
+
+``LocalProxy`` runs the session loop: connect with ``session.open_session``,
+retry 5xx and network errors with ``Backoff`` (exponential, jittered, at most
+``websocket.connect_retry_count`` times; -1 = forever), never retry a 4xx unless
+``TokenSource.on_rejected`` rotated the token, and after a lost session close the
+local connections and reconnect after ``websocket.retry_delay_ms``. Each session
+reads websocket messages, cuts them into frames (``FrameDecoder``), feeds the
+sans-I/O :class:`~localproxy.tunnel.TunnelState` and hands its actions to the
+:class:`~localproxy.proxy_engine.Engine` (local sockets, listeners, sender).
+
+The websocket is not read while a local writer is over its high-water mark
+(``adapters.WRITE_HIGH``): a local application that stops reading pauses the
+session, as TCP would, and memory stays bounded.
+
+Several proxies can run in one event loop: there is no global state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any, Callable
+
+from websockets.exceptions import ConnectionClosed
+
+from .codec import MAX_FRAME_SIZE, FrameDecoder
+from .config import ProxyConfig
+from .errors import (
+    ConnectionFailedError,
+    HandshakeRejectedError,
+    LocalProxyError,
+    ProtocolError,
+    ServiceUnavailableError,
+)
+from .events import Connected, Disconnected, ErrorEvent, Event
+from .proxy_engine import Engine
+from .session import Backoff, SessionInfo, open_session
+from .tokens import TokenSource
+from .tunnel import TunnelState
+
+__all__ = ["LocalProxy", "run_proxy"]
+
+logger = logging.getLogger("localproxy.proxy")
+
+Subscriber = Callable[[Event], Any]
+
+
+class LocalProxy:
+    """One local proxy (source or destination) as an async context manager::
+
+    async with LocalProxy(config) as proxy:
+        await proxy.ready           # services known (and listened on, in source mode)
+        proxy.ports                 # {service id: local port} (source mode)
+        await proxy.wait_closed()   # raises the fatal LocalProxyError, if any
+    """
+
+    def __init__(self, config: ProxyConfig, client_token: str | None = None) -> None:
+        self.config = config
+        self._client_token = client_token
+        self._subscribers: list[Subscriber] = []
+        self._engine = Engine(config, TunnelState.from_config(config), self._emit)
+        self._subprotocol: str | None = None
+        self._fatal: LocalProxyError | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- public API ---------------------------------------------------------------
+
+    async def __aenter__(self) -> "LocalProxy":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start connecting (``async with`` does it)."""
+        if self._task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        self._ready = ready
+
+        def on_ready() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self._engine.on_ready = on_ready
+        self._task = loop.create_task(self._run(), name=f"localproxy-{self.config.mode.value}")
+
+    @property
+    def ready(self) -> asyncio.Future[None]:
+        """Done once the tunnel's services are known (and listened on, in source mode).
+
+        Raises the fatal error if the proxy stops first; cancelled by ``close()``.
+        """
+        if self._ready is None:
+            raise RuntimeError("LocalProxy is not started: use 'async with LocalProxy(...)'")
+        return self._ready
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Source mode: service id (as in the tunnel; "" without services) -> bound port."""
+        return dict(self._engine.ports)
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The subprotocol of the current (or last) session."""
+        return self._subprotocol
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event; returns an unsubscribe function."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    async def wait_closed(self) -> None:
+        """Return when the proxy stopped; raise its fatal error if it had one."""
+        task = self._task
+        if task is None:
+            return
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def close(self) -> None:
+        """Close local connections and the websocket, stop listening."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    # --- the session loop -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        config = self.config
+        logger.info("Starting proxy in %s mode", config.mode.value)
+        try:
+            tokens = TokenSource(config, self._client_token)
+            backoff = Backoff.from_settings(config.settings)
+            while True:
+                try:
+                    ws, info = await open_session(
+                        config, access_token=tokens.access_token, client_token=tokens.client_token
+                    )
+                except (ServiceUnavailableError, ConnectionFailedError) as error:
+                    await self._retry_later(backoff, error)
+                    continue
+                except HandshakeRejectedError as error:
+                    if await tokens.on_rejected(error):
+                        continue
+                    raise
+                backoff.reset()
+                reason = await self._run_session(ws, info)
+                if self._engine.fatal is not None:
+                    raise self._engine.fatal
+                await self._retry_later(
+                    backoff, ConnectionFailedError(f"The websocket session ended: {reason}")
+                )
+        except LocalProxyError as error:
+            self._fatal = error
+            self._emit(ErrorEvent(error, fatal=True))
+            self._fail_ready(error)
+        except Exception as error:  # a bug: let wait_closed() and ready raise it
+            self._fail_ready(error)
+            raise
+        finally:
+            if self._ready is not None and not self._ready.done():
+                self._ready.cancel()
+            self._engine.shutdown()
+
+    def _fail_ready(self, error: BaseException) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+
+    async def _retry_later(self, backoff: Backoff, error: LocalProxyError) -> None:
+        delay = backoff.next_delay()
+        if delay is None:
+            raise ConnectionFailedError(
+                f"Giving up after {backoff.attempts} retries (websocket.connect_retry_count): {error}"
+            )
+        logger.warning("%s; retrying in %.2f s", error, delay)
+        self._emit(ErrorEvent(error, fatal=False))
+        await asyncio.sleep(delay)
+
+    async def _run_session(self, ws: Any, info: SessionInfo) -> str:
+        """Serve one websocket until it ends; returns why it ended."""
+        self._subprotocol = info.subprotocol
+        self._emit(Connected(info.channel_id, info.subprotocol))
+        settings = self.config.settings
+        decoder = FrameDecoder(min(settings.max_size - 1, MAX_FRAME_SIZE), settings.max_payload_size)
+        engine = self._engine
+        tunnel = engine.tunnel
+        engine.session_started(ws)
+        reason = "closed"
+        try:
+            await engine.apply_async(tunnel.session_started(info.subprotocol))
+            drained = engine.writers_drained
+            while engine.fatal is None and engine.restart is None:
+                if not drained.is_set():
+                    await drained.wait()  # a local reader is slow: stop reading the websocket
+                message = await ws.recv()
+                if message.__class__ is str:
+                    actions = tunnel.data_error(ProtocolError("The service sent a text websocket frame"))
+                else:
+                    try:
+                        actions = tunnel.receive(decoder.feed(message))
+                    except ProtocolError as error:
+                        actions = tunnel.data_error(error)
+                if engine.needs_async(actions):
+                    await engine.apply_async(actions)
+                else:
+                    engine.apply(actions)
+            reason = str(engine.fatal or engine.restart)
+        except ConnectionClosed as closed:
+            reason = _close_reason(closed)
+        finally:
+            engine.session_ended()
+            try:
+                await asyncio.shield(ws.close())
+            except Exception:  # noqa: BLE001 - already broken: nothing more to close
+                pass
+            logger.info("Websocket session with %s ended: %s", self.config.endpoint.url, reason)
+            self._emit(Disconnected(reason))
+        return reason
+
+    def _emit(self, event: Event) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a subscriber's bug must not stop the proxy
+                logger.exception("Event subscriber %r failed", callback)
+
+
+def _close_reason(closed: ConnectionClosed) -> str:
+    frame = closed.rcvd or closed.sent
+    if frame is None:
+        return "connection lost"
+    return f"code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
+
+
+async def run_proxy(config: ProxyConfig) -> int:
+    """Run a proxy until SIGINT/SIGTERM (exit 0) or a fatal error (its exit code)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+            pass
+    try:
+        async with LocalProxy(config) as proxy:
+            closed = loop.create_task(proxy.wait_closed())
+            stopping = loop.create_task(stop.wait())
+            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not closed.done():
+                logger.info("Stopping: closing local connections and the websocket")
+                closed.cancel()
+                return 0
+            closed.result()  # raises the fatal error, if any
+            return 0
+    except LocalProxyError as error:
+        logger.error("%s", error)  # its message is written for the user
+        return error.exit_code
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)

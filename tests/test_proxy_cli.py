@@ -1,0 +1,189 @@
+"""``python -m localproxy`` as a real process against the in-process Emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from localproxy.emulator import Emulator
+from localproxy.errors import ExitCode
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 15
+LISTENING = re.compile(r"Listening for new connection on port (\d+)")
+
+
+@pytest.fixture
+async def proxy_emulator() -> AsyncIterator[Emulator]:
+    async with Emulator() as emulator:
+        yield emulator
+
+
+class ProxyProcess:
+    """A ``python -m localproxy`` child whose stderr is collected line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.get_running_loop().create_task(self._collect())
+
+    @classmethod
+    async def start(cls, *args: str, token: str) -> "ProxyProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
+        env.update(PYTHONPATH=str(ROOT), AWSIOT_TUNNEL_ACCESS_TOKEN=token)
+        env.pop("HTTPS_PROXY", None)
+        env.pop("https_proxy", None)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "localproxy",
+            *args,
+            cwd=str(ROOT),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process)
+
+    async def _collect(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_for_line(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        async def scan() -> re.Match[str]:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if match := pattern.search(line):
+                        return match
+                seen = len(self.lines)
+                if self._reader.done():
+                    raise AssertionError(f"process ended without {pattern.pattern!r}:\n" + self.text)
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(scan(), TIMEOUT)
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+        return await self.wait()
+
+    async def wait(self) -> int:
+        code = await asyncio.wait_for(self.process.wait(), TIMEOUT)
+        await asyncio.wait_for(self._reader, TIMEOUT)
+        return code
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def endpoint(emulator: Emulator) -> str:
+    return emulator.data_url  # ws://127.0.0.1:PORT (the CLI takes ws:// for the emulator)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_exits_zero_after_listening(proxy_emulator: Emulator, signum: int) -> None:
+    tunnel = proxy_emulator.open_tunnel(services=["SSH"])
+    proxy = await ProxyProcess.start(
+        "-e", endpoint(proxy_emulator), "-s", "0", "-b", "127.0.0.1", token=tunnel.source_token
+    )
+    try:
+        match = await proxy.wait_for_line(LISTENING)
+        assert int(match.group(1)) > 0
+        await proxy_emulator.wait_connected(tunnel.tunnel_id, "source")
+        assert await proxy.stop(signum) == 0
+        await proxy_emulator.wait_disconnected(tunnel.tunnel_id, "source")
+    finally:
+        await proxy.kill()
+    assert "Starting proxy in source mode" in proxy.text
+    assert tunnel.source_token not in proxy.text
+
+
+async def test_two_processes_tunnel_tcp(proxy_emulator: Emulator) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    tunnel = proxy_emulator.open_tunnel(services=["SSH"])
+    destination = await ProxyProcess.start(
+        "-e", endpoint(proxy_emulator), "-d", f"SSH=127.0.0.1:{app_port}", token=tunnel.destination_token
+    )
+    source = await ProxyProcess.start(
+        "-e", endpoint(proxy_emulator), "-s", "SSH=0", "-b", "127.0.0.1", token=tunnel.source_token
+    )
+    try:
+        port = int((await source.wait_for_line(LISTENING)).group(1))
+        await proxy_emulator.wait_connected(tunnel.tunnel_id, "destination")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+        payload = os.urandom(1024 * 1024)
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), TIMEOUT) == payload
+        writer.close()
+        await destination.wait_for_line(
+            re.compile(r"Attempting to establish tcp socket connection to: 127\.0\.0\.1")
+        )
+        await source.wait_for_line(re.compile(rf"Accepted tcp connection on port {port} from 127\.0\.0\.1"))
+        assert await source.stop() == 0
+        assert await destination.stop() == 0
+    finally:
+        await source.kill()
+        await destination.kill()
+        app.close()
+    assert "Starting proxy in destination mode" in destination.text
+    for line in (
+        f"Attempting to establish web socket connection with endpoint {endpoint(proxy_emulator)}",
+        "Web socket session ID: ",
+        f"Successfully established websocket connection with proxy server: {endpoint(proxy_emulator)}",
+        "Disconnected from: ",
+    ):
+        assert line in source.text and line in destination.text, line
+    assert "[error]" not in source.text + destination.text
+    assert re.search(r"^\[\d{4}-\d\d-\d\dT[\d:.]+\]\{\d+\}\[info\]", source.lines[0])
+
+
+async def test_rejected_token_exits_with_its_code(proxy_emulator: Emulator) -> None:
+    proxy_emulator.open_tunnel(services=["SSH"])
+    proxy = await ProxyProcess.start("-e", endpoint(proxy_emulator), "-s", "0", token="bogus-token-value")
+    try:
+        code = await proxy.wait()
+    finally:
+        await proxy.kill()
+    assert code == ExitCode.HANDSHAKE_REJECTED, proxy.text
+    assert "[error]" in proxy.text
+    assert "bogus-token-value" not in proxy.text
+
+
+async def test_service_mismatch_exits_with_config_code(proxy_emulator: Emulator) -> None:
+    tunnel = proxy_emulator.open_tunnel(services=["SSH"])
+    proxy = await ProxyProcess.start(
+        "-e", endpoint(proxy_emulator), "-d", "WEB=127.0.0.1:1", token=tunnel.destination_token
+    )
+    try:
+        code = await proxy.wait()
+    finally:
+        await proxy.kill()
+    assert code == ExitCode.CONFIG, proxy.text
+    assert "WEB" in proxy.text
