@@ -143,7 +143,7 @@ def _skip_field(buf: bytes, pos: int, end: int, tag: int) -> int:
 
 # Runs of serviceId/connectionId fields around DATA payloads repeat for every frame
 # of a connection: the fast path looks them up here instead of re-parsing them.
-_SECTION_CACHE: dict[bytes, tuple[str, int]] = {}
+SECTION_CACHE: dict[bytes, tuple[str, int]] = {}
 _SECTION_CACHE_LIMIT = 1024
 _SECTION_CACHE_KEY_LIMIT = 160  # bytes: service ids are short; bounds the cache's memory
 
@@ -154,13 +154,13 @@ def data_section(raw: bytes) -> tuple[str, int] | None:
     ``None`` when ``raw`` holds anything else or is invalid: the caller then uses
     ``parse_body``, which gives the precise error.
     """
-    found = _SECTION_CACHE.get(raw)
+    found = SECTION_CACHE.get(raw)
     if found is None:
         found = _parse_section(raw)
         if found is not None and len(raw) <= _SECTION_CACHE_KEY_LIMIT:
-            if len(_SECTION_CACHE) >= _SECTION_CACHE_LIMIT:
-                _SECTION_CACHE.clear()
-            _SECTION_CACHE[raw] = found
+            if len(SECTION_CACHE) >= _SECTION_CACHE_LIMIT:
+                SECTION_CACHE.clear()
+            SECTION_CACHE[raw] = found
     return found
 
 

@@ -1,6 +1,6 @@
 """``FrameDecoder``: cuts a byte stream into tunnel frames and decodes them (codec.py).
 
-The loop reads each frame's length prefix and first 10 body bytes with one
+The loop reads each frame's length prefix and first 9 body bytes with one
 ``struct.unpack_from`` call and decodes DATA frames of the common layouts inline
 (sid: a streamId of 1 or 2 bytes; len: a payload length of 1 to 3 bytes):
 
@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import struct
 
-from localproxy._decode import data_section, parse_body, payload_too_large
+from localproxy._decode import SECTION_CACHE, data_section, parse_body, payload_too_large
 from localproxy._message import MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE, BytesLike, Message, MessageType
 from localproxy.errors import ProtocolError
 
 _DATA = MessageType.DATA
+_section_cache_get = SECTION_CACHE.get  # data_section's cache, looked up inline first
 _new_object = object.__new__
-# length prefix, body bytes 0-3 as one int (08 01 10 sid), body bytes 4-9 one by one
-_unpack_head = struct.Struct(">HI6B").unpack_from
-_HEAD_SIZE = 12
+# length prefix, body bytes 0-3 as one int (08 01 10 sid), body bytes 4-8 one by one
+_unpack_head = struct.Struct(">HI5B").unpack_from
+_HEAD_SIZE = 11
 _PADDING = bytes(_HEAD_SIZE)  # read as "beyond the frame" by the fast path's checks
 _unpack_tag_and_length = struct.Struct(">4B").unpack_from  # payload tag + 3 varint bytes
 
@@ -86,9 +87,9 @@ class FrameDecoder:
         try:
             while True:
                 if size - pos >= _HEAD_SIZE:
-                    length, head, tag, b5, b6, b7, b8, b9 = _unpack_head(data, pos)
+                    length, head, tag, b5, b6, b7, b8 = _unpack_head(data, pos)
                 elif size - pos >= 2:  # near the end: pad a copy of the last few bytes
-                    length, head, tag, b5, b6, b7, b8, b9 = _unpack_head(data[pos:] + _PADDING, 0)
+                    length, head, tag, b5, b6, b7, b8 = _unpack_head(data[pos:] + _PADDING, 0)
                 else:
                     break
                 end = pos + 2 + length
@@ -115,19 +116,24 @@ class FrameDecoder:
                         len2 = b6
                         len3 = b7
                     elif tag == 0x2A or tag == 0x38:  # serviceId and/or connectionId, then the payload
-                        payload_tag_at = tag_at
-                        if tag == 0x2A and b5 < 0x80:
-                            payload_tag_at += 2 + b5
-                            tag = data[payload_tag_at] if payload_tag_at < end else 0
-                        if tag == 0x38 and payload_tag_at + 1 < end and data[payload_tag_at + 1] < 0x80:
-                            payload_tag_at += 2
-                        if payload_tag_at != tag_at:
+                        # First guess the usual run, [2a n serviceId] 38 cid, and look it up.
+                        payload_tag_at = tag_at + 4 + b5 if tag == 0x2A else tag_at + 2
+                        fields = _section_cache_get(data[tag_at:payload_tag_at])
+                        if fields is None:  # not the guess, or not seen yet: walk the fields
+                            payload_tag_at = tag_at
+                            if tag == 0x2A and b5 < 0x80:
+                                payload_tag_at += 2 + b5
+                                tag = data[payload_tag_at] if payload_tag_at < end else 0
+                            if tag == 0x38 and payload_tag_at + 1 < end and data[payload_tag_at + 1] < 0x80:
+                                payload_tag_at += 2
+                            if payload_tag_at != tag_at:
+                                fields = data_section(data[tag_at:payload_tag_at])
+                        if fields is not None:
                             if payload_tag_at + 4 <= size:
                                 tag, len1, len2, len3 = _unpack_tag_and_length(data, payload_tag_at)
                             else:  # at the very end of data: pad a copy
                                 tag, len1, len2, len3 = _unpack_tag_and_length(data[payload_tag_at:] + _PADDING, 0)
-                            fields = data_section(data[tag_at:payload_tag_at]) if tag == 0x22 else None
-                            if fields is not None:
+                            if tag == 0x22:
                                 service_id, connection_id = fields
                                 start = payload_tag_at + 2
                     if start:
@@ -143,7 +149,8 @@ class FrameDecoder:
                             payload_end = end + 1
                         whole = payload_end == end  # the fields account for the whole frame
                         if payload_end < end and payload_first:
-                            fields = data_section(data[payload_end:end])
+                            section = data[payload_end:end]
+                            fields = _section_cache_get(section) or data_section(section)
                             if fields is not None:
                                 service_id, connection_id = fields
                                 whole = True

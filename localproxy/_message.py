@@ -14,6 +14,8 @@ MAX_WS_MESSAGE = 131076  # largest websocket message either way
 
 
 class MessageType(IntEnum):
+    """``Message.type`` values of the schema (an unknown value decodes to a plain int)."""
+
     UNKNOWN = 0
     DATA = 1
     STREAM_START = 2

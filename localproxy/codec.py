@@ -8,9 +8,9 @@ and decoded by hand (no google.protobuf on the hot path):
   its body is byte-identical to ``Message_pb2.Message(...).SerializeToString()``.
 - ``encode_data_frame`` is the DATA fast path. It returns ``(header, payload)`` so a
   payload is never copied before the final join/send. To keep that two-part shape the
-  header carries ``connectionId`` (field 7) *before* the payload (field 4): valid
-  protobuf that every parser reads as the same message, but not byte-identical to
-  ``encode_frame`` when ``connection_id != 0`` (identical when it is 0).
+  header carries ``serviceId`` (field 5) and ``connectionId`` (field 7) *before* the
+  payload (field 4): valid protobuf that every parser reads as the same message, but
+  byte-identical to ``encode_frame`` only when both are unset.
 - ``FrameDecoder`` accepts fields in any order, keeps the last value of a repeated
   scalar field, skips unknown fields (varint, fixed64, length-delimited, groups,
   fixed32) and flags them in ``Message.has_unknown_fields``. Stricter than protobuf:
@@ -18,10 +18,14 @@ and decoded by hand (no google.protobuf on the hot path):
   it as an unknown field). ``int32`` fields keep the low 32 bits, signed, and
   ``uint32`` the low 32 bits, as protobuf does. An unknown ``type`` value is kept as
   a plain ``int`` (the caller applies the ``ignorable`` rule); type 0 is an error.
-- Decoded payloads are ``memoryview`` slices of the frame bytes (zero copy: a 63 KiB
-  payload is never copied by the decoder). ``bytes(msg.payload)`` and
-  ``msg.payload == b"..."`` work; a payload keeps the websocket message it came from
-  alive while referenced.
+  DATA frames in the layouts real peers send are decoded by an inline fast path
+  (``_frames.py``), everything else by a general parser (``_decode.py``).
+- Decoded payloads are ``memoryview`` slices of the fed ``bytes`` (zero copy: a
+  63 KiB payload is never copied by the decoder), or ``b""`` when absent.
+  ``bytes(msg.payload)``, ``len()``, ``b"".join`` and ``msg.payload == b"..."``
+  work; a payload keeps the websocket message it came from alive while referenced.
+
+Every error is a ``localproxy.errors.ProtocolError`` whose message says what is wrong.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ __all__ = [
     "encode_data_frames",
     "encode_frame",
 ]
-
 
 
 # --- encoding -----------------------------------------------------------------
@@ -167,9 +170,10 @@ def _data_parts(stream_id: int, connection_id: int, service_id: str) -> tuple[by
         if connection_id:
             trailer += b"8" + encode_varint(connection_id)
         parts = (start + b'"', trailer, start + trailer + b'"')
-        if len(_DATA_PARTS_CACHE) >= _DATA_PARTS_CACHE_LIMIT:
-            _DATA_PARTS_CACHE.clear()
-        _DATA_PARTS_CACHE[key] = parts
+        if len(service_id) <= 256:  # real service ids are short; odd ones are not kept
+            if len(_DATA_PARTS_CACHE) >= _DATA_PARTS_CACHE_LIMIT:
+                _DATA_PARTS_CACHE.clear()
+            _DATA_PARTS_CACHE[key] = parts
     return parts
 
 

@@ -42,16 +42,9 @@ def pb_values(pb: PbMessage) -> tuple[object, ...]:
     return (pb.type, pb.streamId, pb.ignorable, pb.payload, pb.serviceId, tuple(pb.availableServiceIds), pb.connectionId)
 
 
-def our_values(message: Message) -> tuple[object, ...]:
-    return (
-        int(message.type),
-        message.stream_id,
-        message.ignorable,
-        bytes(message.payload),
-        message.service_id,
-        message.available_service_ids,
-        message.connection_id,
-    )
+def our_values(m: Message) -> tuple[object, ...]:
+    payload = bytes(m.payload)
+    return (int(m.type), m.stream_id, m.ignorable, payload, m.service_id, m.available_service_ids, m.connection_id)
 
 
 def to_pb(message: Message) -> PbMessage:
