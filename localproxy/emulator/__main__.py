@@ -1,0 +1,110 @@
+"""``python -m localproxy.emulator``: run the tunneling-service emulator.
+
+Prints one JSON line on stdout once listening::
+
+    {"api": "http://127.0.0.1:PORT", "data": "ws://127.0.0.1:PORT", "ca": null, "capath": null}
+
+then logs to stderr until SIGINT/SIGTERM (exit 0). With ``--tls`` and no
+``--cert``/``--key`` it makes a CA and a certificate for 127.0.0.1/localhost and
+writes them to ``--ca-out`` (default: a temporary directory removed at exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Coroutine
+
+from .core import Emulator
+
+logger = logging.getLogger("localproxy.emulator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m localproxy.emulator",
+        description="A local emulator of the AWS IoT Secure Tunneling service "
+        "(control API for boto3 / aws CLI, and the data-plane websocket) on one port.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
+    parser.add_argument(
+        "--tls", action=argparse.BooleanOptionalAction, default=False, help="serve https/wss (default: plain)"
+    )
+    parser.add_argument("--cert", type=Path, help="server certificate (PEM) to use with --tls")
+    parser.add_argument("--key", type=Path, help="private key (PEM) of --cert")
+    parser.add_argument("--ca-out", type=Path, help="directory for the generated CA (ca.pem, capath/)")
+    parser.add_argument("--region", default="us-east-1", help="region in ARNs and notify payloads")
+    parser.add_argument("-v", "--verbose", type=int, default=4, help="log level 0..6 like localproxy (default 4: info)")
+    parser.add_argument("--demo", action="store_true", help="run the end-to-end demo and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        from .demo import run_demo
+
+        return run_demo(args)
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be within 0..65535, got {args.port}")
+    for path in (args.cert, args.key):
+        if path is not None and not path.is_file():
+            parser.error(f"no such file: {path}")
+    from localproxy.logs import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        return _run(lambda: serve(args))
+    except OSError as error:  # the port is taken, the address is not ours...
+        print(f"localproxy.emulator: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def _run(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
+        return asyncio.run(factory())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(factory())
+
+
+async def serve(args: argparse.Namespace) -> int:
+    emulator = Emulator(
+        host=args.host,
+        port=args.port,
+        tls=args.tls or args.cert is not None,
+        region=args.region,
+        cert=args.cert,
+        key=args.key,
+        ca_out=args.ca_out,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with emulator:
+        line = {
+            "api": emulator.api_url,
+            "data": emulator.data_url,
+            "ca": str(emulator.ca_pem_path) if emulator.ca_pem_path else None,
+            "capath": str(emulator.capath) if emulator.capath else None,
+        }
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        await stop.wait()
+        logger.info("stopping")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
