@@ -19,6 +19,7 @@ from .errors import (
     ClientTokenMismatchError,
     HandshakeRejectedError,
     ServiceUnavailableError,
+    TunnelClosedError,
 )
 
 # Observed text, tolerant: "can not" (service, 2024) or "cannot" (docs), with or
@@ -31,6 +32,8 @@ CLIENT_TOKEN_MISMATCH_RE = re.compile(
     re.IGNORECASE,
 )
 
+# No published text: the emulator says "the tunnel is closed"; match closed/expired tunnels.
+TUNNEL_CLOSED_RE = re.compile(r"tunnel (?:is |was |has been )?(?:closed|expired)", re.IGNORECASE)
 _DATA_HOST_RE = re.compile(r"^data\.tunneling\.iot\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?$")
 _MAX_BODY_CHARS = 500
 _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]+")
@@ -115,6 +118,8 @@ def rejection_error(
     if CLIENT_TOKEN_MISMATCH_RE.search(body):
         message = _client_token_mismatch(config, seen, client_token is not None)
         return ClientTokenMismatchError(message, status=status, body=body)
+    if TUNNEL_CLOSED_RE.search(body):
+        return TunnelClosedError(_tunnel_closed(config, seen), status=status, body=body)
     return HandshakeRejectedError(_other_rejection(config, seen, status), status=status, body=body)
 
 
@@ -171,6 +176,20 @@ def _client_token_mismatch(config: ProxyConfig, seen: str, sent_client_token: bo
     ]
     intro = "Fix: connect with the client token of the first connection, or issue"
     return "\n".join(lines + _fix_lines(config, intro))
+
+
+def _tunnel_closed(config: ProxyConfig, seen: str) -> str:
+    thing = "thingName=<thing>," if config.mode is Mode.DESTINATION else ""
+    return "\n".join(
+        [
+            f"The tunnel is closed ({seen}).",
+            "Why: a tunnel lives until CloseTunnel or until its maxLifetimeTimeoutMinutes run out; "
+            "then no token of it works again, and rotating tokens does not reopen it.",
+            "Fix: open a new tunnel and start both proxies with its tokens:",
+            f"    aws iotsecuretunneling open-tunnel --destination-config {thing}services=<svc>"
+            f" --region {region_of(config) or '<region>'}",
+        ]
+    )
 
 
 def _other_rejection(config: ProxyConfig, seen: str, status: int) -> str:

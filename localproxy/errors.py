@@ -52,12 +52,6 @@ class ConnectionFailedError(LocalProxyError):
     exit_code = ExitCode.CONNECTION_FAILED
 
 
-class TunnelClosedError(LocalProxyError):
-    """The service closed the tunnel (CloseTunnel or lifetime expiry)."""
-
-    exit_code = ExitCode.TUNNEL_CLOSED
-
-
 class HandshakeRejectedError(LocalProxyError):
     """The service refused the websocket upgrade.
 
@@ -87,6 +81,12 @@ class ClientTokenMismatchError(HandshakeRejectedError):
     """The access token is bound to a different client token."""
 
     exit_code = ExitCode.CLIENT_TOKEN_MISMATCH
+
+
+class TunnelClosedError(HandshakeRejectedError):
+    """The tunnel is closed (CloseTunnel or lifetime expiry): nothing can reconnect to it."""
+
+    exit_code = ExitCode.TUNNEL_CLOSED
 
 
 class ServiceUnavailableError(HandshakeRejectedError):

@@ -21,6 +21,8 @@ from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpo
 from localproxy.emulator import Emulator
 from localproxy.errors import (
     ConfigError,
+    ExitCode,
+    TunnelClosedError,
     ConnectionFailedError,
     HandshakeRejectedError,
     LocalProxyError,
@@ -601,9 +603,10 @@ async def test_closed_tunnel_ends_the_proxy_with_an_error(proxy_emulator: Emulat
     async with LocalProxy(cfg) as src:
         await asyncio.wait_for(src.ready, TIMEOUT)
         proxy_emulator.close_tunnel(tunnel.tunnel_id)
-        with pytest.raises(LocalProxyError) as caught:
+        with pytest.raises(TunnelClosedError) as caught:
             await asyncio.wait_for(src.wait_closed(), TIMEOUT)
-        assert caught.value.exit_code not in (0, 1)
+        assert caught.value.exit_code == ExitCode.TUNNEL_CLOSED
+        assert "open-tunnel" in str(caught.value)
         assert src.ports == {}  # listeners closed
 
 
