@@ -142,13 +142,13 @@ _THIRD_PARTY_LOGGERS = ("websockets", "asyncio")
 
 
 def setup_logging(verbosity: int, stream: TextIO | None = None) -> logging.Handler:
-    """Send ``localproxy.*`` logs to ``stream`` (stderr) at the ``-v`` level.
+    """Send ``localproxy.*`` logs to ``stream`` (stdout, as the reference) at the ``-v`` level.
 
     Calling it again replaces the previous setup (handy in tests). Returns the
     handler, which carries the :class:`RedactingFilter`.
     """
     reset_logging()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
     handler.setFormatter(ReferenceFormatter())
     handler.addFilter(RedactingFilter())
     level = level_for_verbosity(verbosity)

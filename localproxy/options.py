@@ -101,7 +101,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "verbose",
         "v",
         True,
-        "Logging level to standard error. [0, 255] (0=off, 1=fatal, 2=error, 3=warning, "
+        "Logging level to standard out. [0, 255] (0=off, 1=fatal, 2=error, 3=warning, "
         "4=info, 5=debug, >=6=trace)",
         default_text="4",
     ),

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no such file: {path}")
     from localproxy.logs import setup_logging
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, sys.stderr)  # stdout carries the JSON line
     try:
         return _run(lambda: serve(args))
     except OSError as error:  # the port is taken, the address is not ours...
