@@ -59,7 +59,8 @@ async def stop(process: asyncio.subprocess.Process, signum: int) -> tuple[int, s
 
 async def test_port_0_prints_the_json_line_serves_and_stops_on_sigterm() -> None:
     process, info = await start("--port", "0")
-    assert set(info) == {"api", "data", "ca", "capath"}
+    assert set(info) == {"api", "data", "ca", "capath", "mqtt"}
+    assert info["mqtt"] is None  # no --mqtt: no notify broker
     assert info["api"].startswith("http://127.0.0.1:")
     port = int(info["api"].rsplit(":", 1)[1])
     assert port > 0 and info["data"] == f"ws://127.0.0.1:{port}"

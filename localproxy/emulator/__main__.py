@@ -2,7 +2,10 @@
 
 Prints one JSON line on stdout once listening::
 
-    {"api": "http://127.0.0.1:PORT", "data": "ws://127.0.0.1:PORT", "ca": null, "capath": null}
+    {"api": "http://127.0.0.1:PORT", "data": "ws://127.0.0.1:PORT", "ca": null, "capath": null, "mqtt": null}
+
+(``"mqtt": "mqtt://127.0.0.1:PORT"`` with ``--mqtt``: tunnel notifications are
+published there, on an embedded broker or the external one ``--mqtt URL`` names.)
 
 then logs to stderr until SIGINT/SIGTERM (exit 0). With ``--tls`` and no
 ``--cert``/``--key`` it makes a CA and a certificate for 127.0.0.1/localhost and
@@ -41,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-out", type=Path, help="directory for the generated CA (ca.pem, capath/)")
     parser.add_argument("--region", default="us-east-1", help="region in ARNs and notify payloads")
     parser.add_argument("-v", "--verbose", type=int, default=4, help="log level 0..6 like localproxy (default 4: info)")
+    parser.add_argument(
+        "--mqtt", nargs="?", const=True, default=False, metavar="URL",
+        help="publish tunnel notifications ($aws/things/<thing>/tunnels/notify) on an embedded MQTT broker, "
+        "or on the external broker at URL (mqtt://host:port)",
+    )
+    parser.add_argument("--mqtt-port", type=int, default=0, help="port of the embedded MQTT broker (default: a free one)")
     parser.add_argument("--demo", action="store_true", help="run the end-to-end demo and exit")
     return parser
 
@@ -56,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cert and --key go together")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be within 0..65535, got {args.port}")
+    if not 0 <= args.mqtt_port <= 65535:
+        parser.error(f"--mqtt-port must be within 0..65535, got {args.mqtt_port}")
+    if isinstance(args.mqtt, str) and not args.mqtt.startswith("mqtt://"):
+        parser.error(f"--mqtt takes a broker URL mqtt://host:port, got {args.mqtt!r}")
     for path in (args.cert, args.key):
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
@@ -87,6 +100,8 @@ async def serve(args: argparse.Namespace) -> int:
         cert=args.cert,
         key=args.key,
         ca_out=args.ca_out,
+        mqtt=args.mqtt,
+        mqtt_port=args.mqtt_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -98,6 +113,7 @@ async def serve(args: argparse.Namespace) -> int:
             "data": emulator.data_url,
             "ca": str(emulator.ca_pem_path) if emulator.ca_pem_path else None,
             "capath": str(emulator.capath) if emulator.capath else None,
+            "mqtt": emulator.mqtt_url,
         }
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()

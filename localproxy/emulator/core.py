@@ -3,6 +3,8 @@
 One port serves the control API (``POST /``, what boto3 and the aws CLI send) and
 the data plane (``GET /tunnel`` websockets). The direct methods (``open_tunnel``,
 ``rotate``...) run the same operations as the API, with the same validation.
+With ``mqtt=True`` tunnel notifications also go out on an embedded MQTT broker
+(``emu.mqtt_url``; see ``mqtt.py``), as the service publishes them to devices.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .api import ControlPlane
 from .events import EmulatorEvent, EventLog
 from .faults import Faults
 from .front import FrontConfig
+from .mqtt import EmbeddedBroker, NotifyPublisher
 from .relay import Relay
 from .server import DataPlane, start_server
 from .store import Side, Store, Tunnel
@@ -62,6 +65,8 @@ class Emulator:
         key: str | Path | None = None,
         ca_out: str | Path | None = None,
         expiry_check_interval: float = 1.0,
+        mqtt: bool | str = False,
+        mqtt_port: int = 0,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("give both cert and key, or neither")
@@ -89,6 +94,11 @@ class Emulator:
         self._server: Server | None = None
         self._expiry_task: asyncio.Task[None] | None = None
         self._temp_dir: Path | None = None
+        # Notify topic: True runs an embedded broker, "mqtt://host:port" uses an external one.
+        self._mqtt_option = mqtt
+        self._mqtt_port = mqtt_port
+        self.mqtt_broker: EmbeddedBroker | None = None
+        self.notify_publisher: NotifyPublisher | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -123,9 +133,11 @@ class Emulator:
         self._server = await start_server(plane, self.front, self.host, self.port, context)
         self.port = self._server.sockets[0].getsockname()[1]
         self._expiry_task = asyncio.create_task(self._expire_periodically())
+        await self._start_mqtt()
         logger.info("emulator listening: control API %s, data plane %s", self.api_url, self.data_url)
 
     async def stop(self) -> None:
+        await self._stop_mqtt()
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -283,6 +295,39 @@ class Emulator:
 
     def _on_notify(self, thing_name: str, payload: dict[str, object]) -> None:
         self.events.emit("notify", thing_name=thing_name, payload=payload)
+        if self.notify_publisher is not None:
+            self.notify_publisher.submit(thing_name, payload)
+
+    # --- MQTT notify topic (localproxy.emulator.mqtt) ---------------------------
+
+    @property
+    def mqtt_url(self) -> str | None:
+        """Where notifications are published: ``mqtt://host:port``, or None without MQTT."""
+        if self.mqtt_broker is not None:
+            return f"mqtt://{self._url_host}:{self.mqtt_broker.port}"
+        return self.notify_publisher.url if self.notify_publisher is not None else None
+
+    async def _start_mqtt(self) -> None:
+        option = self._mqtt_option
+        if option is False or option is None:
+            return
+        if option is True:
+            self.mqtt_broker = EmbeddedBroker(self.host, self._mqtt_port)
+            await self.mqtt_broker.start()
+            self.notify_publisher = NotifyPublisher(self.mqtt_broker)
+        else:
+            self.notify_publisher = NotifyPublisher(str(option))
+        logger.info("tunnel notifications published via %s", self.mqtt_url)
+
+    async def _stop_mqtt(self) -> None:
+        if self.notify_publisher is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.notify_publisher.drain(), 5)
+            await self.notify_publisher.close()
+            self.notify_publisher = None
+        if self.mqtt_broker is not None:
+            await self.mqtt_broker.stop()
+            self.mqtt_broker = None
 
 
 def _destination_config(services: list[str] | None, thing_name: str | None) -> dict[str, Any]:
