@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 
-from localproxy._decode import SECTION_CACHE, data_section, parse_body, payload_too_large
+from localproxy._decode import SECTION_CACHE, data_section, parse_body
 from localproxy._message import MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE, BytesLike, Message, MessageType
 from localproxy.errors import ProtocolError
 
@@ -29,6 +29,7 @@ _unpack_head = struct.Struct(">HI5B").unpack_from
 _HEAD_SIZE = 11
 _PADDING = bytes(_HEAD_SIZE)  # read as "beyond the frame" by the fast path's checks
 _unpack_tag_and_length = struct.Struct(">4B").unpack_from  # payload tag + 3 varint bytes
+_NO_FIELDS = ("", 0)  # (serviceId, connectionId) of a DATA frame without them
 
 
 class FrameDecoder:
@@ -77,7 +78,6 @@ class FrameDecoder:
             messages = self.feed(frame)  # one whole frame: leaves nothing buffered
         else:
             messages = []
-        append = messages.append
         view = memoryview(data)
         size = len(data)
         max_frame = self.max_frame_size
@@ -106,71 +106,70 @@ class FrameDecoder:
                         stream_id = (stream_id & 0x7F) | (tag << 7)
                         tag, b5, b6, b7 = b5, b6, b7, b8
                         tag_at += 1
-                    service_id = ""
-                    connection_id = 0
-                    start = 0  # where the payload starts, once known
-                    payload_first = tag == 0x22
-                    if payload_first:  # protobuf's order: fields 5 and 7 may follow the payload
+                    # Each branch sets fields = (serviceId, connectionId), start and
+                    # payload_end, or leaves fields None for the general parser.
+                    fields = None
+                    if tag == 0x22:  # protobuf's order: payload, then maybe fields 5 and 7
                         start = tag_at + 2
-                        len1 = b5
-                        len2 = b6
-                        len3 = b7
                     elif tag == 0x2A or tag == 0x38:  # serviceId and/or connectionId, then the payload
                         # First guess the usual run, [2a n serviceId] 38 cid, and look it up.
                         payload_tag_at = tag_at + 4 + b5 if tag == 0x2A else tag_at + 2
-                        fields = _section_cache_get(data[tag_at:payload_tag_at])
-                        if fields is None:  # not the guess, or not seen yet: walk the fields
+                        section = _section_cache_get(data[tag_at:payload_tag_at])
+                        if section is None:  # not the guess, or not seen yet: walk the fields
                             payload_tag_at = tag_at
-                            if tag == 0x2A and b5 < 0x80:
+                            next_tag = tag
+                            if next_tag == 0x2A and b5 < 0x80:
                                 payload_tag_at += 2 + b5
-                                tag = data[payload_tag_at] if payload_tag_at < end else 0
-                            if tag == 0x38 and payload_tag_at + 1 < end and data[payload_tag_at + 1] < 0x80:
+                                next_tag = data[payload_tag_at] if payload_tag_at < end else 0
+                            if next_tag == 0x38 and payload_tag_at + 1 < end and data[payload_tag_at + 1] < 0x80:
                                 payload_tag_at += 2
                             if payload_tag_at != tag_at:
-                                fields = data_section(data[tag_at:payload_tag_at])
-                        if fields is not None:
+                                section = data_section(data[tag_at:payload_tag_at])
+                        if section is not None:
                             if payload_tag_at + 4 <= size:
-                                tag, len1, len2, len3 = _unpack_tag_and_length(data, payload_tag_at)
+                                payload_tag, b5, b6, b7 = _unpack_tag_and_length(data, payload_tag_at)
                             else:  # at the very end of data: pad a copy
-                                tag, len1, len2, len3 = _unpack_tag_and_length(data[payload_tag_at:] + _PADDING, 0)
-                            if tag == 0x22:
-                                service_id, connection_id = fields
+                                payload_tag, b5, b6, b7 = _unpack_tag_and_length(data[payload_tag_at:] + _PADDING, 0)
+                            if payload_tag == 0x22:
+                                fields = section
                                 start = payload_tag_at + 2
-                    if start:
-                        if len1 < 0x80:
-                            payload_end = start + len1
-                        elif len2 < 0x80:
+                    if fields is not None or tag == 0x22:
+                        # b5, b6, b7: the bytes after the payload tag, its length varint
+                        if b5 < 0x80:
+                            payload_end = start + b5
+                        elif b6 < 0x80:
                             start += 1
-                            payload_end = start + ((len1 & 0x7F) | (len2 << 7))
-                        elif len3 < 0x80:
+                            payload_end = start + ((b5 & 0x7F) | (b6 << 7))
+                        elif b7 < 0x80:
                             start += 2
-                            payload_end = start + ((len1 & 0x7F) | ((len2 & 0x7F) << 7) | (len3 << 14))
+                            payload_end = start + ((b5 & 0x7F) | (b6 & 0x7F) << 7 | (b7 << 14))
                         else:
                             payload_end = end + 1
-                        whole = payload_end == end  # the fields account for the whole frame
-                        if payload_end < end and payload_first:
+                        if payload_end == end:
+                            if fields is None:
+                                fields = _NO_FIELDS
+                        elif payload_end < end and tag == 0x22:  # protobuf's order: fields after the payload
                             section = data[payload_end:end]
                             fields = _section_cache_get(section) or data_section(section)
-                            if fields is not None:
-                                service_id, connection_id = fields
-                                whole = True
-                        if whole:
-                            if payload_end - start > max_payload:
-                                raise payload_too_large(payload_end - start, max_payload)
+                        else:
+                            fields = None
+                        # An oversized payload goes to parse_body too, which raises the error.
+                        if fields is not None and payload_end - start <= max_payload:
                             # Inline construction: about twice as fast as calling Message(...).
                             message = _new_object(Message)
                             message.type = _DATA
                             message.stream_id = stream_id
                             message.ignorable = False
                             message.payload = view[start:payload_end]
-                            message.service_id = service_id
+                            message.service_id, message.connection_id = fields
                             message.available_service_ids = ()
-                            message.connection_id = connection_id
                             message.has_unknown_fields = False
-                            append(message)
+                            messages.append(message)  # (3.11 specializes this call)
+                            if end == size:  # the usual end of a websocket message
+                                return messages
                             pos = end
                             continue
-                append(parse_body(data, view, pos + 2, end, max_payload))  # type: ignore[arg-type]
+                messages.append(parse_body(data, view, pos + 2, end, max_payload))  # type: ignore[arg-type]
                 pos = end
         except ProtocolError as error:
             self._error = str(error)

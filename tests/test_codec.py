@@ -334,6 +334,16 @@ def test_payload_over_limit() -> None:
         FrameDecoder(max_payload_size=100).feed(frame(odd_layout))
 
 
+@pytest.mark.parametrize("before", [b"", encode_frame(Message(MessageType.DATA, 1, payload=b"abc"))])
+def test_invalid_service_id_run_before_a_payload_goes_to_the_general_parser(before: bytes) -> None:
+    """The fast path keeps per-frame values in loop variables: a DATA frame whose
+    serviceId run is invalid (and directly followed by the payload) must reach the
+    general parser's error, not use a payload position the frame never set."""
+    bad = frame(b"\x08\x01\x10\x01\x2a\x01\xff\x22\x01x")  # serviceId not UTF-8, then a payload
+    with pytest.raises(ProtocolError, match="field serviceId is not valid UTF-8"):
+        FrameDecoder().feed(before + bad)
+
+
 def test_decoder_is_unusable_after_an_error() -> None:
     decoder = FrameDecoder()
     with pytest.raises(ProtocolError):
