@@ -260,13 +260,17 @@ def _https_proxy(environ: Mapping[str, str], notes: Notes) -> str | None:
     if name is None:
         return None
     value = environ[name]
-    # The URL may carry user:password: register before anything can fail.
-    parts = urllib.parse.urlsplit(value)
-    for secret in (parts.password, urllib.parse.unquote(parts.password or "")):
-        register_secret(secret)
 
     def bad(reason: str) -> UsageError:
         return UsageError(f"Failed to parse the value of environment variable {name}: {reason}")
+
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:  # e.g. an unbalanced "[" (IPv6 literal)
+        raise bad("not a URL") from None
+    # The URL may carry user:password: register before anything else can fail.
+    for secret in (parts.password, urllib.parse.unquote(parts.password or "")):
+        register_secret(secret)
 
     if parts.scheme not in ("http", "https"):
         raise bad("expected http://[user:pass@]host[:port] or https://...")

@@ -438,6 +438,9 @@ def test_https_proxy_environment() -> None:
     message = usage_error("-r", "us-east-1", "-s", "1", env={**ENV, "HTTPS_PROXY": f"socks5://u:{secret}@h"})
     assert message.startswith("Failed to parse the value of environment variable HTTPS_PROXY")
     assert secret not in message
+    # Found by the command-line fuzzer: urllib raises ValueError on an unbalanced "[".
+    broken = usage_error("-r", "us-east-1", "-s", "1", env={**ENV, "https_proxy": "http://[::1"})
+    assert broken == "Failed to parse the value of environment variable https_proxy: not a URL"
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
