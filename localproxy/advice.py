@@ -99,12 +99,20 @@ def sanitize_body(body: str, *, secrets: Iterable[str | None] = ()) -> str:
 
 
 def rejection_error(
-    config: ProxyConfig, *, status: int, reason: str, body: str, client_token: str | None
+    config: ProxyConfig,
+    *,
+    status: int,
+    reason: str,
+    body: str,
+    client_token: str | None,
+    raw_body: str | None = None,
 ) -> HandshakeRejectedError:
     """Classify a refused upgrade into its typed error with the full explanation.
 
-    ``body`` must already be sanitized (see :func:`sanitize_body`).
+    ``body`` must already be sanitized (see :func:`sanitize_body`): it is shown.
+    ``raw_body``, the service's text as received, is what is matched, when given.
     """
+    matched = body if raw_body is None else raw_body
     seen = f'HTTP {status} {reason}: "{body}"' if body else f"HTTP {status} {reason}"
     if status >= 500:
         message = (
@@ -113,12 +121,12 @@ def rejection_error(
             "connect_retry_count)."
         )
         return ServiceUnavailableError(message, status=status, body=body)
-    if ACCESS_TOKEN_USED_RE.search(body):
+    if ACCESS_TOKEN_USED_RE.search(matched):
         return AccessTokenUsedError(_access_token_used(config, seen), status=status, body=body)
-    if CLIENT_TOKEN_MISMATCH_RE.search(body):
+    if CLIENT_TOKEN_MISMATCH_RE.search(matched):
         message = _client_token_mismatch(config, seen, client_token is not None)
         return ClientTokenMismatchError(message, status=status, body=body)
-    if TUNNEL_CLOSED_RE.search(body):
+    if TUNNEL_CLOSED_RE.search(matched):
         return TunnelClosedError(_tunnel_closed(config, seen), status=status, body=body)
     return HandshakeRejectedError(_other_rejection(config, seen, status), status=status, body=body)
 

@@ -67,6 +67,14 @@ def register_secret(value: str | None) -> None:
         _secrets_pattern = re.compile("|".join(re.escape(s) for s in ordered))
 
 
+def forget_secrets() -> None:
+    """Forget every registered secret (tests; a process that is done with its tokens)."""
+    global _secrets_pattern
+    with _secrets_lock:
+        _secrets.clear()
+        _secrets_pattern = None
+
+
 def redact(text: str) -> str:
     """``text`` with every registered secret replaced by ``<redacted>``."""
     pattern = _secrets_pattern

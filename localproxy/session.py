@@ -240,7 +240,8 @@ def _rejected(
     body = sanitize_body(raw, secrets=(access_token, client_token))
     level = logging.WARNING if status >= 500 else logging.ERROR
     logger.log(level, 'Proxy server rejected web socket upgrade request: (HTTP/1.1 %d %s) "%s"', status, reason, body)
-    return rejection_error(config, status=status, reason=reason, body=body, client_token=client_token)
+    # Classified on the raw text: masking could rewrite the words matched.
+    return rejection_error(config, status=status, reason=reason, body=body, raw_body=raw, client_token=client_token)
 
 
 def _failure(config: ProxyConfig, exc: Exception, proxy_url: str | None, timeout: float) -> LocalProxyError:

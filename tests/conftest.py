@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+# --- global state (owner: coordinator) ------------------------------------------
+
+from collections.abc import Iterator as _Iterator
+
+import pytest as _pytest
+
+
+@_pytest.fixture(autouse=True)
+def _undo_global_logging_state() -> _Iterator[None]:
+    """A test that runs a CLI ``main`` in-process installs our log handler with
+    ``propagate = False`` and registers secrets; undo both so later tests'
+    ``caplog`` still sees records, unmasked by another test's tokens."""
+    yield
+    from localproxy.logs import forget_secrets, reset_logging
+
+    reset_logging()
+    forget_secrets()  # a test's short fake token must not mask words in later tests
+
 # --- emulator fixtures (owner: emulator helper) --------------------------------
 
 import ssl as _emulator_ssl

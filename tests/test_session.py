@@ -204,6 +204,16 @@ async def test_token_echoed_in_body_is_redacted() -> None:
     assert "<redacted>" in info.value.body
 
 
+async def test_classification_ignores_masking_of_short_secrets() -> None:
+    from localproxy.logs import register_secret
+
+    register_secret("token")  # a (silly) secret that is also a word of the body
+    async with RawHttpServer(http_response(400, "Bad Request", USED_BODY)) as server:
+        with pytest.raises(AccessTokenUsedError) as info:
+            await attempt(session_config(f"ws://127.0.0.1:{server.port}"))
+    assert "token" not in info.value.body  # shown masked, yet classified right
+
+
 async def test_redirect_is_not_followed() -> None:
     async with RawHttpServer(http_response(400, "Bad Request", "should never be asked")) as elsewhere:
         redirect = http_response(302, "Found", "", extra=f"Location: ws://127.0.0.1:{elsewhere.port}/tunnel\r\n")
