@@ -6,11 +6,11 @@ to (it implements :class:`~localproxy.adapters.LocalHub`). It lives as long as
 the proxy (listeners survive reconnects); a :class:`Sender` lives for one session.
 
 Send path: frames queue up in the session's :class:`Sender`, whose task joins
-the ready ones into websocket messages of at most 131076 bytes (one ``ws.send``
-each; websockets waits while its write buffer is over ``write_limit``). While the
-queue holds more than ``SEND_HIGH`` bytes every local socket stops being read,
-until it is back under ``SEND_LOW``: memory stays bounded and a fast local
-application is slowed to the websocket's pace.
+the ready ones into websocket messages of at most 131076 bytes, whole frames only
+(one ``ws.send`` each; websockets waits while its write buffer is over
+``write_limit``). While the queue holds more than ``SEND_HIGH`` bytes every local
+socket stops being read, until it is back under ``SEND_LOW``: memory stays
+bounded and a fast local application is slowed to the websocket's pace.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Sender:
 
     def __init__(self, ws: Any, on_congestion: Callable[[bool], None]) -> None:
         self._ws = ws
-        self._queue: deque[BytesLike] = deque()
+        self._queue: deque[tuple[int, BytesLike | list[BytesLike]]] = deque()  # (size, frame parts)
         self._bytes = 0
         self._wakeup = asyncio.Event()
         self._congested = False
@@ -63,12 +63,30 @@ class Sender:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, parts: list[BytesLike]) -> None:
+        """Queue the parts of whole frames (a control frame, or DATA header + payload)."""
         queue = self._queue
-        size = 0
-        for part in parts:
-            queue.append(part)
-            size += len(part)
-        self._bytes += size
+        total = 0
+        index = 0
+        count = len(parts)
+        while index < count:
+            first = parts[index]
+            index += 1
+            size = len(first)
+            # A frame's parts stay together so that no message ends mid-frame: the
+            # receivers (service, peer proxy) then never reassemble a split frame.
+            need = ((first[0] << 8) | first[1]) + 2
+            if size >= need or index == count:
+                queue.append((size, first))
+            else:
+                group = [first]
+                while size < need and index < count:
+                    part = parts[index]
+                    index += 1
+                    group.append(part)
+                    size += len(part)
+                queue.append((size, group))
+            total += size
+        self._bytes += total
         self._wakeup.set()
         if self._bytes > SEND_HIGH and not self._congested:
             self._congested = True
@@ -83,15 +101,19 @@ class Sender:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                first = queue.popleft()
-                size = len(first)
-                data: BytesLike = first
-                if queue and size + len(queue[0]) <= MAX_WS_MESSAGE:
-                    batch = [first]
-                    while queue and size + len(queue[0]) <= MAX_WS_MESSAGE:
-                        part = queue.popleft()
-                        batch.append(part)
-                        size += len(part)
+                size, first = queue.popleft()
+                data: BytesLike
+                if first.__class__ is not list and not (queue and size + queue[0][0] <= MAX_WS_MESSAGE):
+                    data = first  # type: ignore[assignment]
+                else:
+                    batch: list[BytesLike] = first if first.__class__ is list else [first]  # type: ignore[assignment]
+                    while queue and size + queue[0][0] <= MAX_WS_MESSAGE:
+                        frame_size, frame = queue.popleft()
+                        size += frame_size
+                        if frame.__class__ is list:
+                            batch.extend(frame)  # type: ignore[arg-type]
+                        else:
+                            batch.append(frame)  # type: ignore[arg-type]
                     data = b"".join(batch)
                 self._bytes -= size
                 if self._congested and self._bytes <= SEND_LOW:

@@ -74,6 +74,7 @@ async def emulator_tls(
 
 import asyncio as _rel_asyncio
 import os as _rel_os
+import re as _rel_re
 import sys as _rel_sys
 from dataclasses import dataclass as _rel_dataclass
 from dataclasses import field as _rel_field
@@ -294,12 +295,10 @@ class RelProcess:
     def text(self) -> str:
         return "\n".join(self.lines)
 
-    async def wait_for_line(self, pattern: str, timeout: float = REL_TIMEOUT) -> "re.Match[str]":
-        import re
+    async def wait_for_line(self, pattern: str, timeout: float = REL_TIMEOUT) -> _rel_re.Match[str]:
+        compiled = _rel_re.compile(pattern)
 
-        compiled = re.compile(pattern)
-
-        async def scan() -> "re.Match[str]":
+        async def scan() -> _rel_re.Match[str]:
             seen = 0
             while True:
                 for line in self.lines[seen:]:
