@@ -65,7 +65,7 @@ class ServiceEndpoint:
                 raise UsageError(f"Unsupported proxy endpoint scheme '{scheme}': use wss:// or ws://")
             tls = scheme == "wss"
             rest = rest.rstrip("/")
-        host, port = _split_host_port(rest, 443 if tls else 80)
+        host, port = split_host_port(rest, 443 if tls else 80)
         if not host:
             raise UsageError(f"Invalid proxy endpoint '{text}'")
         return cls(host=host, port=port, tls=tls)
@@ -138,7 +138,8 @@ class ProxyConfig:
         return self.settings.subprotocol
 
 
-def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
+def split_host_port(text: str, default_port: int, what: str = "port") -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` -> (host, port); a bad port is a UsageError."""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -149,5 +150,5 @@ def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
     if not port_text:
         return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise UsageError(f"Invalid port '{port_text}'")
+        raise UsageError(f"Invalid {what} '{port_text}'")
     return host, int(port_text)

@@ -74,8 +74,6 @@ async def emulator_tls(
 
 import asyncio as _rel_asyncio
 import os as _rel_os
-import re as _rel_re
-import sys as _rel_sys
 from dataclasses import dataclass as _rel_dataclass
 from dataclasses import field as _rel_field
 
@@ -257,79 +255,8 @@ async def rel_pair_factory() -> _EmulatorAsyncIterator[_EmulatorAny]:
         yield make
 
 
-class RelProcess:
-    """``python -m localproxy ARGS`` as a child; stderr+stdout collected line by line."""
-
-    def __init__(self, process: _rel_asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._changed = _rel_asyncio.Event()
-        loop = _rel_asyncio.get_running_loop()
-        self._readers = [loop.create_task(self._collect(stream)) for stream in (process.stdout, process.stderr)]
-
-    @classmethod
-    async def start(cls, *args: str, env: dict[str, str] | None = None) -> "RelProcess":
-        base = {k: v for k, v in _rel_os.environ.items()
-                if not k.startswith("AWSIOT_TUNNEL_") and k.lower() != "https_proxy"}
-        base.update(PYTHONPATH=str(REL_ROOT))
-        base.update(env or {})
-        process = await _rel_asyncio.create_subprocess_exec(
-            _rel_sys.executable, "-m", "localproxy", *args, cwd=str(REL_ROOT), env=base,
-            stdin=_rel_asyncio.subprocess.DEVNULL, stdout=_rel_asyncio.subprocess.PIPE,
-            stderr=_rel_asyncio.subprocess.PIPE,
-        )
-        return cls(process)
-
-    async def _collect(self, stream: _rel_asyncio.StreamReader | None) -> None:
-        assert stream is not None
-        while line := await stream.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-        self._changed.set()
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    async def wait_for_line(self, pattern: str, timeout: float = REL_TIMEOUT) -> _rel_re.Match[str]:
-        compiled = _rel_re.compile(pattern)
-
-        async def scan() -> _rel_re.Match[str]:
-            seen = 0
-            while True:
-                for line in self.lines[seen:]:
-                    if match := compiled.search(line):
-                        return match
-                seen = len(self.lines)
-                if all(reader.done() for reader in self._readers):
-                    raise AssertionError(f"process ended without {pattern!r}:\n{self.text}")
-                self._changed.clear()
-                await self._changed.wait()
-
-        return await _rel_asyncio.wait_for(scan(), timeout)
-
-    async def wait(self, timeout: float = REL_TIMEOUT) -> int:
-        code = await _rel_asyncio.wait_for(self.process.wait(), timeout)
-        await _rel_asyncio.wait_for(_rel_asyncio.gather(*self._readers), timeout)
-        return int(code)
-
-    async def stop(self, timeout: float = REL_TIMEOUT) -> int:
-        import signal
-
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        return await self.wait(timeout)
-
-    async def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-        for reader in self._readers:
-            reader.cancel()
+# One process helper for every test file: tests/proxyproc.py.
+from proxyproc import ProxyProcess as RelProcess  # noqa: E402
 
 
 @_emulator_pytest.fixture
@@ -338,7 +265,7 @@ async def rel_processes() -> _EmulatorAsyncIterator[_EmulatorAny]:
     started: list[RelProcess] = []
 
     async def start(*args: str, env: dict[str, str] | None = None) -> RelProcess:
-        child = await RelProcess.start(*args, env=env)
+        child = await RelProcess.start(*args, extra_env=env)
         started.append(child)
         return child
 

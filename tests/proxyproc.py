@@ -1,4 +1,4 @@
-"""A ``python -m localproxy`` child process for tests, its output collected line by line."""
+"""Test helpers for real processes: a ``python -m localproxy`` child, an echo app."""
 
 from __future__ import annotations
 
@@ -25,13 +25,20 @@ class ProxyProcess:
 
     @classmethod
     async def start(
-        cls, *args: str, token: str, extra_env: dict[str, str] | None = None, module: str = "localproxy"
+        cls,
+        *args: str,
+        token: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        module: str = "localproxy",
     ) -> "ProxyProcess":
+        """Start ``python -m module args``; ``token`` goes in AWSIOT_TUNNEL_ACCESS_TOKEN."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
-        env.update(PYTHONPATH=str(ROOT), AWSIOT_TUNNEL_ACCESS_TOKEN=token)
-        env.update(extra_env or {})
         env.pop("HTTPS_PROXY", None)
         env.pop("https_proxy", None)
+        env.update(PYTHONPATH=str(ROOT))
+        if token is not None:
+            env.update(AWSIOT_TUNNEL_ACCESS_TOKEN=token)
+        env.update(extra_env or {})
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -52,36 +59,56 @@ class ProxyProcess:
             self._changed.set()
         self._changed.set()
 
-    async def wait_for_line(self, pattern: re.Pattern[str]) -> re.Match[str]:
+    async def wait_for_line(self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT) -> re.Match[str]:
+        compiled = re.compile(pattern)
+
         async def scan() -> re.Match[str]:
             seen = 0
             while True:
                 for line in self.lines[seen:]:
-                    if match := pattern.search(line):
+                    if match := compiled.search(line):
                         return match
                 seen = len(self.lines)
                 if self._reader.done():
-                    raise AssertionError(f"process ended without {pattern.pattern!r}:\n" + self.text)
+                    raise AssertionError(f"process ended without {compiled.pattern!r}:\n" + self.text)
                 self._changed.clear()
                 await self._changed.wait()
 
-        return await asyncio.wait_for(scan(), TIMEOUT)
+        return await asyncio.wait_for(scan(), timeout)
 
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signum)
-        return await self.wait()
+        return await self.wait(timeout)
 
-    async def wait(self) -> int:
-        code = await asyncio.wait_for(self.process.wait(), TIMEOUT)
-        await asyncio.wait_for(self._reader, TIMEOUT)
-        return code
+    async def wait(self, timeout: float = TIMEOUT) -> int:
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await asyncio.wait_for(self._reader, timeout)
+        return int(code)
 
     async def kill(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+        self._reader.cancel()
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
 
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+async def echo_app() -> tuple[asyncio.Server, int]:
+    """A TCP echo server on 127.0.0.1 (a destination app); returns it and its port."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]

@@ -13,7 +13,7 @@ import pytest
 from localproxy.emulator import Emulator
 from localproxy.errors import ExitCode
 
-from proxyproc import LISTENING, TIMEOUT, ProxyProcess
+from proxyproc import LISTENING, TIMEOUT, ProxyProcess, echo_app
 
 
 
@@ -46,14 +46,7 @@ async def test_signal_exits_zero_after_listening(proxy_emulator: Emulator, signu
 
 
 async def test_two_processes_tunnel_tcp(proxy_emulator: Emulator) -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    app = await asyncio.start_server(echo, "127.0.0.1", 0)
-    app_port = app.sockets[0].getsockname()[1]
+    app, app_port = await echo_app()
     tunnel = proxy_emulator.open_tunnel(services=["SSH"])
     destination = await ProxyProcess.start(
         "-e", endpoint(proxy_emulator), "-d", f"SSH=127.0.0.1:{app_port}", token=tunnel.destination_token

@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from localproxy.emulator import Emulator
 from localproxy.errors import ExitCode
 
-from proxyproc import LISTENING, TIMEOUT, ProxyProcess
+from proxyproc import LISTENING, TIMEOUT, ProxyProcess, echo_app
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -45,17 +45,6 @@ async def spend_without_client_token(emulator: Emulator, token: str, mode: str =
         subprotocols=["aws.iot.securetunneling-3.0"],  # type: ignore[list-item]
     ):
         pass
-
-
-async def echo_app() -> tuple[asyncio.Server, int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
 
 
 async def round_trip(port: int, payload: bytes) -> bytes:

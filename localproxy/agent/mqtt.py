@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import aiomqtt
 
+from ..config import split_host_port
 from ..errors import ConfigError, UsageError
 from ..mappings import validate_host
 from ..session import Backoff
@@ -87,7 +88,7 @@ class MqttSettings:
         if scheme_tls is not None and tls is not None and scheme_tls != tls:
             raise UsageError(f"--no-tls contradicts the MQTT endpoint {text}")
         use_tls = scheme_tls if scheme_tls is not None else (tls if tls is not None else True)
-        host, port = _split_host_port(rest, AWS_IOT_MQTT_PORT if use_tls else 1883)
+        host, port = split_host_port(rest, AWS_IOT_MQTT_PORT if use_tls else 1883, "MQTT port")
         validate_host(host, "MQTT endpoint")
         return cls(host=host, port=port, tls=use_tls, **options)  # type: ignore[arg-type]
 
@@ -189,18 +190,3 @@ def _describe(error: aiomqtt.MqttError) -> str:
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text} ({cause})"
     return text
-
-
-def _split_host_port(text: str, default_port: int) -> tuple[str, int]:
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise UsageError(f"Invalid MQTT port '{port_text}'")
-    return host, int(port_text)
