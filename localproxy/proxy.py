@@ -4,7 +4,10 @@
 retry 5xx and network errors with ``Backoff`` (exponential, jittered, at most
 ``websocket.connect_retry_count`` times; -1 = forever), never retry a 4xx unless
 ``TokenSource.on_rejected`` rotated the token, and after a lost session close the
-local connections and reconnect after ``websocket.retry_delay_ms``. Each session
+local connections and reconnect after ``websocket.retry_delay_ms``; but a
+session the service closed because another proxy with the same token replaced
+this one is reconnected after growing delays (two such proxies would otherwise
+replace each other at every reconnect, many times a second). Each session
 reads websocket messages, cuts them into frames (``FrameDecoder``), feeds the
 sans-I/O :class:`~localproxy.tunnel.TunnelState` and hands its actions to the
 :class:`~localproxy.proxy_engine.Engine` (local sockets, listeners, sender).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from typing import Any, Callable
 
@@ -36,7 +40,7 @@ from .errors import (
 )
 from .events import Connected, Disconnected, ErrorEvent, Event
 from .proxy_engine import Engine
-from .session import Backoff, SessionInfo, open_session
+from .session import DEFAULT_MAX_DELAY_MS, Backoff, SessionInfo, open_session
 from .tokens import TokenSource
 from .tunnel import TunnelState
 
@@ -45,6 +49,13 @@ __all__ = ["LocalProxy", "run_proxy"]
 logger = logging.getLogger("localproxy.proxy")
 
 Subscriber = Callable[[Event], Any]
+
+# The service closes a peer that a newer connection in the same mode replaced; the
+# emulator says "replaced by a new connection", the real service's text is unknown.
+_REPLACED_REASON = re.compile("replac", re.IGNORECASE)
+# The first delay after being replaced, at least: a replaced proxy reconnecting at
+# once would only kick out the proxy that replaced it (and be kicked out in turn).
+REPLACED_MIN_DELAY_MS = 1000
 
 
 class LocalProxy:
@@ -65,6 +76,8 @@ class LocalProxy:
         self._fatal: LocalProxyError | None = None
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._replaced = False  # the last session was closed as replaced by another proxy
+        self._replaced_warned = False
 
     # --- public API ---------------------------------------------------------------
 
@@ -142,6 +155,11 @@ class LocalProxy:
         try:
             tokens = TokenSource(config, self._client_token)
             backoff = Backoff.from_settings(config.settings)
+            # Not reset by a successful connect (a duel's reconnects all succeed): only
+            # by a session that ends for another reason.
+            replaced_backoff = Backoff(
+                max(config.settings.retry_delay_ms, REPLACED_MIN_DELAY_MS), DEFAULT_MAX_DELAY_MS
+            )
             while True:
                 try:
                     ws, info = await open_session(
@@ -158,6 +176,10 @@ class LocalProxy:
                 reason = await self._run_session(ws, info)
                 if self._engine.fatal is not None:
                     raise self._engine.fatal
+                if self._replaced:
+                    await self._wait_after_replaced(replaced_backoff)
+                    continue
+                replaced_backoff.reset()
                 await self._retry_later(
                     backoff, ConnectionFailedError(f"The websocket session ended: {reason}")
                 )
@@ -187,6 +209,27 @@ class LocalProxy:
         self._emit(ErrorEvent(error, fatal=False))
         await asyncio.sleep(delay)
 
+    async def _wait_after_replaced(self, backoff: Backoff) -> None:
+        delay = backoff.next_delay()
+        assert delay is not None  # no retry count: never gives up
+        if not self._replaced_warned:
+            self._replaced_warned = True
+            mode = self.config.mode.value
+            logger.warning(
+                "Another local proxy connected with this tunnel's %s token and replaced this one; "
+                "two local proxies are sharing one %s token (and client token), and each one's "
+                "reconnect replaces the other. Stop one of them (or give each its own tunnel). "
+                "Reconnecting in %.2f s, then after growing delays while this goes on",
+                mode,
+                mode,
+                delay,
+            )
+        else:
+            logger.info("Replaced again by another local proxy; reconnecting in %.2f s", delay)
+        error = ConnectionFailedError("Replaced by another local proxy with the same token")
+        self._emit(ErrorEvent(error, fatal=False))
+        await asyncio.sleep(delay)
+
     async def _run_session(self, ws: Any, info: SessionInfo) -> str:
         """Serve one websocket until it ends; returns why it ended."""
         self._subprotocol = info.subprotocol
@@ -197,6 +240,7 @@ class LocalProxy:
         tunnel = engine.tunnel
         engine.session_started(ws)
         reason = "closed"
+        self._replaced = False
         try:
             await engine.apply_async(tunnel.session_started(info.subprotocol))
             drained = engine.writers_drained
@@ -218,6 +262,8 @@ class LocalProxy:
             reason = str(engine.fatal or engine.restart)
         except ConnectionClosed as closed:
             reason = _close_reason(closed)
+            # Only a close frame the service sent says so (not one this proxy sent).
+            self._replaced = closed.rcvd is not None and bool(_REPLACED_REASON.search(closed.rcvd.reason))
         finally:
             engine.session_ended()
             try:

@@ -21,7 +21,11 @@ Rules it implements, beyond the protocol guides' letter:
 - ``max_active_connections`` counts a service's live and held connections; one
   more is closed at once with a warning (source) or answered with a reset
   (destination).
-- A DATA/reset for a stream that is not the service's active one is dropped.
+- A DATA/reset for a stream that is not the service's active one is dropped,
+  except that a destination answers DATA/CONNECTION_START for a stream it does
+  not have, unless a newer STREAM_START replaced it, with one STREAM_RESET (see
+  :meth:`TunnelState._answer_dead_stream`): a deviation from PROTOCOL.md 4.4,
+  without which the source waits forever on a stream that ended only here.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ class TunnelState(TunnelCore):
         self._connections.clear()
         self._streams.clear()
         self._held.clear()
+        # A new session starts afresh: resets sent on the old websocket may be lost.
+        self._latest_start.clear()
+        self._reset_sent.clear()
         self._version = 0
         self._broken = False
         return out
@@ -136,6 +143,8 @@ class TunnelState(TunnelCore):
     def _on_data(self, message: Message, out: Output) -> None:
         stream = self._stream_of(message)
         if stream is None:
+            if self.mode is Mode.DESTINATION:
+                self._answer_dead_stream(message, out)
             return
         conn = stream.connections.get((message.connection_id or 1) if stream.uses_connection_ids else 1)
         payload = message.payload
@@ -169,6 +178,7 @@ class TunnelState(TunnelCore):
                 Log(logging.WARNING, f"Ignoring STREAM_START for unknown service '{message.service_id}'")
             )
             return
+        self._latest_start[service] = message.stream_id
         old = self._streams.get(service)
         if old is not None:
             self._end_stream(old, "replaced", out)
@@ -187,7 +197,10 @@ class TunnelState(TunnelCore):
                 out.append(Close(conn.key, False))
                 out += self.local_closed(conn.key)
             return
-        if stream is None or not stream.uses_connection_ids:
+        if stream is None:
+            self._answer_dead_stream(message, out)
+            return
+        if not stream.uses_connection_ids:
             return
         connection_id = message.connection_id or 1
         existing = stream.connections.pop(connection_id, None)
@@ -198,6 +211,35 @@ class TunnelState(TunnelCore):
             out.append(ConnectionReset(stream.service_id, stream.stream_id, connection_id, "local"))
             return
         self._open_destination(stream, connection_id, False, out)
+
+    def _answer_dead_stream(self, message: Message, out: Output) -> None:
+        """Destination: DATA/CONNECTION_START for a stream that is not active here.
+
+        PROTOCOL.md 4.4 drops such frames silently. But when the stream ended here
+        only (the service sent its STREAM_RESET to this side alone) or never began
+        here (its STREAM_START was dropped while this side was reconnecting), the
+        source still has it: its clients would wait forever and its next
+        connections would join the dead stream. So answer STREAM_RESET (not
+        CONNECTION_RESET: the whole stream is gone here, so every one of its
+        connections at the source is affected, and exactly those close), once per
+        stream id. Ids below the service's latest STREAM_START stay silent: the
+        source replaced that stream itself, these frames were in flight. Resets are
+        never answered (two proxies must not echo resets back and forth).
+        """
+        service = self._aliases.get(message.service_id)
+        if service is None:
+            return  # not a service of this tunnel: nothing the source could have started
+        stream_id = message.stream_id
+        if stream_id < self._latest_start.get(service, 0) or not self._remember_reset(service, stream_id):
+            return
+        out.append(Send([control_frame(MessageType.STREAM_RESET, stream_id, message.service_id)]))
+        out.append(
+            Log(
+                logging.INFO,
+                f"Service '{service or '(default)'}': the peer sent {MessageType(message.type).name} for "
+                f"stream {stream_id}, which is not active here; resetting it so the peer closes its connections",
+            )
+        )
 
     def _open_destination(
         self, stream: Stream, connection_id: int, started_stream: bool, out: Output

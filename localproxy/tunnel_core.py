@@ -20,6 +20,9 @@ from .tunnel_actions import Action, Close, DataFramer, Release, Send, control_fr
 __all__ = ["Connection", "Output", "Stream", "TunnelCore", "VERSIONS"]
 
 VERSIONS = {V1: 1, V2: 2, V3: 3}
+# Destination: stream ids per service already told dead by a STREAM_RESET (sent or
+# answered), so a stream's in-flight DATA draws one answer, not one per frame.
+RESET_MEMORY = 64
 _CLIENT_TYPES = {None: 3, "V3": 3, "V2": 2, "V1": 1}
 Output = list[Union[Action, Event]]  # actions and events, in the order to carry out
 
@@ -105,6 +108,10 @@ class TunnelCore:
         self._streams: dict[str, Stream] = {}
         self._connections: dict[int, Connection] = {}
         self._held: dict[str, deque[int]] = {}
+        # Destination, this session: the stream id of each service's latest STREAM_START
+        # and the ids it sent STREAM_RESET for (see TunnelState._answer_dead_stream).
+        self._latest_start: dict[str, int] = {}
+        self._reset_sent: dict[str, deque[int]] = {}
 
     @classmethod
     def from_config(cls, config: ProxyConfig) -> Self:
@@ -192,11 +199,23 @@ class TunnelCore:
     def _send_reset(self, stream: Stream, connection_id: int, whole_stream: bool, out: Output) -> None:
         if whole_stream or not stream.uses_connection_ids:
             frame = control_frame(MessageType.STREAM_RESET, stream.stream_id, stream.wire_service_id)
+            if self.mode is Mode.DESTINATION:
+                self._remember_reset(stream.service_id, stream.stream_id)
         else:
             frame = control_frame(
                 MessageType.CONNECTION_RESET, stream.stream_id, stream.wire_service_id, connection_id
             )
         out.append(Send([frame]))
+
+    def _remember_reset(self, service_id: str, stream_id: int) -> bool:
+        """Record that ``stream_id`` was reset; False if it already was (bounded memory)."""
+        sent = self._reset_sent.get(service_id)
+        if sent is None:
+            sent = self._reset_sent[service_id] = deque(maxlen=RESET_MEMORY)
+        elif stream_id in sent:
+            return False
+        sent.append(stream_id)
+        return True
 
     def _end_stream(self, stream: Stream, initiator: Initiator, out: Output, *, send: bool = True) -> None:
         """Close every connection of ``stream`` and forget it; STREAM_RESET if we end it."""

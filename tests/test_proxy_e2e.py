@@ -734,6 +734,56 @@ async def test_slow_local_reader_bounds_memory_and_loses_nothing(proxy_emulator:
     server.close()
 
 
+# --- two proxies sharing one token ------------------------------------------------------
+
+
+async def test_two_destinations_sharing_a_token_back_off_instead_of_duelling(
+    proxy_emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same token and client token: the service replaces the older at each connect. The replaced
+    one warns once and reconnects after growing delays, not at every 50 ms retry (~20 a second)."""
+    caplog.set_level(logging.INFO, logger="localproxy.proxy")
+    emulator = proxy_emulator
+    tunnel = emulator.open_tunnel(services=["SSH"])
+    tunnel_id = tunnel.tunnel_id
+    client_token = "duel-" + "c" * 40
+    unused_target = {"SSH": DestinationTarget("127.0.0.1", 9)}  # no source: never connected to
+    shared = config(Mode.DESTINATION, tunnel.destination_token, emulator, unused_target)
+    assert shared.settings.retry_delay_ms == 50
+    replaced = {"first": 0, "second": 0}
+
+    def count_replaced(name: str) -> Callable[[Any], None]:
+        def on_event(event: Any) -> None:
+            if isinstance(event, Disconnected) and "replaced" in event.reason:
+                replaced[name] += 1
+                emulator.events.changed()  # wake the waits below: they re-check their condition
+
+        return on_event
+
+    def replacements(since: int) -> int:
+        return sum(1 for e in emulator.events.history if e.kind == "replaced" and e.tunnel_id == tunnel_id
+                   and e.seq > since)
+
+    async with LocalProxy(shared, client_token=client_token) as first:
+        first.subscribe(count_replaced("first"))
+        await asyncio.wait_for(first.ready, TIMEOUT)
+        mark = emulator.event_mark()
+        async with LocalProxy(shared, client_token=client_token) as second:
+            second.subscribe(count_replaced("second"))
+            start = await emulator.wait_event("replaced", since=mark, tunnel_id=tunnel_id, timeout=TIMEOUT)
+            # Must not happen: the duel's rate (bounded window, a condition expected to time out).
+            with pytest.raises(TimeoutError):
+                await emulator.events.wait_until(lambda: replacements(start.seq) >= 6, 1.0)
+            # They still take turns, slowly: the first comes back and is replaced a second time.
+            await emulator.events.wait_until(lambda: replaced["first"] >= 2 and replaced["second"] >= 1, TIMEOUT)
+            assert emulator.handshake_count(tunnel_id, "destination") < 10
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "Another local proxy connected" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per proxy, though the first was replaced twice
+    assert "this tunnel's destination token" in warnings[0] and "sharing" in warnings[0]
+    assert client_token not in caplog.text and tunnel.destination_token not in caplog.text
+
+
 # --- the same engine on uvloop (what the CLI runs on) --------------------------------------
 
 UVLOOP_SCENARIOS: dict[str, Callable[[Emulator], Awaitable[None]]] = {

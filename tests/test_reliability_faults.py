@@ -186,10 +186,9 @@ async def test_reset_to_the_source_only(emulator: Any, rel_kit: Any, rel_pair_fa
     await app.close()
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason="engine: after a reset delivered to the destination only, the source keeps "
-                   "its stream and sends CONNECTION_START/DATA that the destination drops as stale, so the client "
-                   "and the next connections hang (reported: reply STREAM_RESET to frames of a dead stream)")
 async def test_reset_to_the_destination_only(emulator: Any, rel_kit: Any, rel_pair_factory: Any) -> None:
+    """A STREAM_RESET reaching only the destination: the destination answers the source's next DATA
+    for that stream with a STREAM_RESET, so the client is closed and the next connection is served."""
     app = await rel_kit.App("echo").start()
     pair = await rel_pair_factory(emulator, {"SSH": app})
     transfer = await in_flight(pair, app)

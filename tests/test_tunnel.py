@@ -843,6 +843,127 @@ def test_destination_session_lost_then_new_session() -> None:
     assert len(of(tunnel.receive([msg(T.STREAM_START, 1, "SSH", 1)]), Connect)) == 1
 
 
+# --- destination answers frames of a stream it does not have (one-sided resets) -------
+
+
+def data(stream_id: int, service_id: str = "SSH", connection_id: int = 1, payload: bytes = b"x") -> Message:
+    return Message(
+        type=T.DATA, stream_id=stream_id, service_id=service_id, connection_id=connection_id, payload=payload
+    )
+
+
+def test_destination_answers_data_of_a_stream_reset_here_only_once() -> None:
+    tunnel = destination()
+    key = of(tunnel.receive([msg(T.STREAM_START, 7, "SSH", 1)]), Connect)[0].key
+    tunnel.connect_result(key, True)
+    out = tunnel.receive([msg(T.STREAM_RESET, 7, "SSH")])  # the service told this side only
+    assert of(out, Close) == [Close(key, True)] and sent(out) == []  # a reset is never answered
+    out = tunnel.receive([data(7)])
+    assert sent(out) == [msg(T.STREAM_RESET, 7, "SSH")] and not of(out, Write)
+    assert of(out, Log)[0].level == logging.INFO
+    # The rest of the stream's in-flight frames: no second answer.
+    assert tunnel.receive([data(7), msg(T.CONNECTION_START, 7, "SSH", 2), data(7, connection_id=2)]) == []
+
+
+def test_destination_answers_connection_start_of_a_dead_stream_with_stream_reset() -> None:
+    # V3: STREAM_RESET (not CONNECTION_RESET) so that every connection of the dead stream
+    # closes at the source, including idle ones that would never send DATA.
+    tunnel = destination()
+    tunnel.receive([msg(T.STREAM_START, 7, "SSH", 1), msg(T.STREAM_RESET, 7, "SSH")])
+    out = tunnel.receive([msg(T.CONNECTION_START, 7, "SSH", 3)])
+    assert sent(out) == [msg(T.STREAM_RESET, 7, "SSH")] and not of(out, Connect)
+    assert tunnel.active_stream("SSH") is None
+
+
+def test_destination_answers_a_stream_whose_start_it_never_received() -> None:
+    # The source started streams while this side was reconnecting: the service dropped the STREAM_STARTs.
+    tunnel = destination()
+    out = tunnel.receive([data(3), msg(T.CONNECTION_START, 3, "SSH", 2), msg(T.CONNECTION_START, 4, "SSH", 2)])
+    assert sent(out) == [msg(T.STREAM_RESET, 3, "SSH"), msg(T.STREAM_RESET, 4, "SSH")]
+    assert not of(out, Connect) and tunnel.active_stream("SSH") is None
+    # A stream newer than the active one (its STREAM_START was lost) is answered too.
+    tunnel.receive([msg(T.STREAM_START, 5, "SSH", 1)])
+    assert sent(tunnel.receive([data(6)])) == [msg(T.STREAM_RESET, 6, "SSH")]
+    assert tunnel.active_stream("SSH") == 5
+
+
+def test_destination_stays_silent_for_streams_replaced_by_a_newer_stream_start() -> None:
+    tunnel = destination()
+    tunnel.receive([msg(T.STREAM_START, 7, "SSH", 1), msg(T.STREAM_START, 8, "SSH", 1)])
+    assert tunnel.receive([data(7), msg(T.CONNECTION_START, 7, "SSH", 2)]) == []  # PROTOCOL.md 4.4
+    tunnel.receive([msg(T.STREAM_RESET, 8, "SSH")])  # no active stream now: 7 is still stale
+    assert tunnel.receive([data(7)]) == []
+    assert sent(tunnel.receive([data(8)])) == [msg(T.STREAM_RESET, 8, "SSH")]
+
+
+def test_destination_does_not_answer_frames_of_a_stream_it_reset_itself() -> None:
+    tunnel = destination()
+    key = of(tunnel.receive([msg(T.STREAM_START, 7, "SSH", 1)]), Connect)[0].key
+    assert sent(tunnel.connect_result(key, False)) == [msg(T.STREAM_RESET, 7, "SSH")]
+    assert tunnel.receive([data(7), msg(T.CONNECTION_START, 7, "SSH", 2)]) == []  # in flight: already told
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        msg(T.STREAM_RESET, 9, "SSH"),
+        msg(T.CONNECTION_RESET, 9, "SSH", 1),
+        data(9, service_id="NOPE"),
+        msg(T.CONNECTION_START, 9, "NOPE", 2),
+    ],
+)
+def test_destination_never_answers_resets_nor_unknown_services(frame: Message) -> None:
+    tunnel = destination()
+    assert tunnel.receive([frame]) == []
+
+
+def test_destination_answer_memory_is_bounded_and_per_session() -> None:
+    tunnel = destination()
+    assert sent(tunnel.receive([data(1)])) == [msg(T.STREAM_RESET, 1, "SSH")]
+    assert tunnel.receive([data(1)]) == []
+    tunnel.receive([data(stream_id) for stream_id in range(2, 66)])  # 64 newer answers push 1 out
+    assert sent(tunnel.receive([data(1)])) == [msg(T.STREAM_RESET, 1, "SSH")]
+    assert tunnel.receive([data(65)]) == []
+    # A new session: answers sent on the lost websocket may never have arrived.
+    tunnel.session_lost()
+    tunnel.session_started(V3)
+    tunnel.receive([service_ids("SSH")])
+    assert sent(tunnel.receive([data(65)])) == [msg(T.STREAM_RESET, 65, "SSH")]
+
+
+def test_destination_answer_keeps_the_peers_wire_shape() -> None:
+    v1 = destination({"": SSH}, ids=())  # a V1 peer: no service id on the wire
+    assert sent(v1.receive([Message(type=T.DATA, stream_id=3, payload=b"x")])) == [msg(T.STREAM_RESET, 3)]
+    v2 = destination()
+    assert sent(v2.receive([Message(type=T.DATA, stream_id=3, service_id="SSH", payload=b"x")])) == [
+        msg(T.STREAM_RESET, 3, "SSH")
+    ]
+
+
+@pytest.mark.parametrize("client_type", [None, "V2", "V1"])
+def test_one_sided_reset_at_destination_closes_the_source_stream(client_type: str | None) -> None:
+    """Wired together: the destination's answer ends the source's stream; the next connection gets a new one."""
+    src = source({"SSH": SourcePort(5555)}, destination_client_type=client_type)
+    dst = destination()
+    first, out = src.local_opened("SSH")
+    second, more = (None, []) if client_type else src.local_opened("SSH")  # V3: a second connection
+    dst_out = dst.receive(sent(out + more))
+    for connect in of(dst_out, Connect):
+        dst.connect_result(connect.key, True)
+    dst.receive([msg(T.STREAM_RESET, 1, "SSH" if client_type != "V1" else "")])  # to the destination only
+    answer = dst.receive(sent(src.local_data(first, b"lost")))
+    out = src.receive(sent(answer))
+    closed = {first} if second is None else {first, second}
+    assert {c.key for c in of(out, Close)} == closed and sent(out) == []
+    assert src.active_stream("SSH") is None
+    key, out = src.local_opened("SSH")
+    assert [m.type for m in sent(out)] == [T.STREAM_START] and sent(out)[0].stream_id == 2
+    assert len(of(dst.receive(sent(out)), Connect)) == 1
+    # A late answer for the old stream changes nothing at the source.
+    assert src.receive([msg(T.STREAM_RESET, 1, "SSH" if client_type != "V1" else "")]) == []
+    assert src.active_stream("SSH") == 2
+
+
 # --- source and destination wired together (a loss-free in-memory service) ----------
 
 
