@@ -128,7 +128,7 @@ async def demo(out: TextIO = sys.stdout) -> int:
     return 0 if intact else 1
 
 
-_BY_HAND = """To do the same by hand (three terminals, no AWS account needed):
+_BY_HAND = """To do the same by hand (three terminals, no AWS account needed; the aws CLI: pip install awscli):
   python -m localproxy.emulator --port 8443
   export AWS_ENDPOINT_URL=http://127.0.0.1:8443 AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_DEFAULT_REGION=us-east-1
   aws iotsecuretunneling open-tunnel --destination-config thingName=demo,services=SSH
