@@ -72,7 +72,7 @@ class FrameDecoder:
             data = bytes(data)
         pos = 0
         if self._partial:
-            frame, pos = self._complete_partial(data)  # type: ignore[arg-type]
+            frame, pos = self._complete_partial(data)
             if frame is None:
                 return []
             messages = self.feed(frame)  # one whole frame: leaves nothing buffered
@@ -149,8 +149,8 @@ class FrameDecoder:
                             if fields is None:
                                 fields = _NO_FIELDS
                         elif payload_end < end and tag == 0x22:  # protobuf's order: fields after the payload
-                            section = data[payload_end:end]
-                            fields = _section_cache_get(section) or data_section(section)
+                            tail = data[payload_end:end]
+                            fields = _section_cache_get(tail) or data_section(tail)
                         else:
                             fields = None
                         # An oversized payload goes to parse_body too, which raises the error.
@@ -169,7 +169,7 @@ class FrameDecoder:
                                 return messages
                             pos = end
                             continue
-                messages.append(parse_body(data, view, pos + 2, end, max_payload))  # type: ignore[arg-type]
+                messages.append(parse_body(data, view, pos + 2, end, max_payload))
                 pos = end
         except ProtocolError as error:
             self._error = str(error)

@@ -71,7 +71,7 @@ class Message:
         self.service_id = service_id
         if available_service_ids.__class__ is not tuple:
             available_service_ids = tuple(available_service_ids)
-        self.available_service_ids = available_service_ids  # type: ignore[assignment]
+        self.available_service_ids = available_service_ids
         self.connection_id = connection_id
         self.has_unknown_fields = has_unknown_fields
 

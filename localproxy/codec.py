@@ -84,7 +84,7 @@ def encode_frame(message: Message) -> bytes:
         parts = _DATA_PARTS_CACHE.get(key) or _data_parts(*key)
         head = parts[0]
         trailer = parts[1]
-        size = len(payload) if payload.__class__ is not memoryview else payload.nbytes  # type: ignore[union-attr]
+        size = len(payload) if payload.__class__ is not memoryview else payload.nbytes
         if size < 0x80:
             body_size = len(head) + 1 + size + len(trailer)
             if body_size <= MAX_FRAME_SIZE:
@@ -138,7 +138,7 @@ def _encode_general(message: Message) -> bytes:
 
 
 def _byte_size(data: BytesLike) -> int:
-    return data.nbytes if data.__class__ is memoryview else len(data)  # type: ignore[union-attr]
+    return data.nbytes if data.__class__ is memoryview else len(data)
 
 
 def _payload_too_large(size: int) -> ProtocolError:
@@ -189,7 +189,7 @@ def encode_data_frame(
     """
     key = (stream_id, connection_id, service_id)
     middle = (_DATA_PARTS_CACHE.get(key) or _data_parts(*key))[2]
-    size = len(payload) if payload.__class__ is not memoryview else payload.nbytes  # type: ignore[union-attr]
+    size = len(payload) if payload.__class__ is not memoryview else payload.nbytes
     if size < 0x80:
         body_size = len(middle) + 1 + size
         length: bytes = VARINT1[size]
@@ -224,13 +224,13 @@ def encode_data_frames(
     if not 0 < max_payload <= MAX_PAYLOAD_SIZE:
         raise ProtocolError(f"max_payload must be within 1..{MAX_PAYLOAD_SIZE}, got {max_payload}")
     view = data if data.__class__ is memoryview else memoryview(data)
-    total = view.nbytes  # type: ignore[union-attr]
+    total = view.nbytes
     if total <= max_payload:
         return list(encode_data_frame(stream_id, connection_id, data, service_id)) if total else []
-    if view.format != "B" or view.ndim != 1:  # type: ignore[union-attr]
-        view = view.cast("B")  # type: ignore[union-attr]
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
     parts: list[BytesLike] = []
     for start in range(0, total, max_payload):
-        chunk = view[start : start + max_payload]  # type: ignore[index]
+        chunk = view[start : start + max_payload]
         parts.extend(encode_data_frame(stream_id, connection_id, chunk, service_id))
     return parts

@@ -103,15 +103,17 @@ class Sender:
                     continue
                 size, first = queue.popleft()
                 data: BytesLike
+                # mypy cannot narrow where a `__class__ is list` test is false (a subclass
+                # could pass), so the three ignores below say "BytesLike here".
                 if first.__class__ is not list and not (queue and size + queue[0][0] <= MAX_WS_MESSAGE):
                     data = first  # type: ignore[assignment]
                 else:
-                    batch: list[BytesLike] = first if first.__class__ is list else [first]  # type: ignore[assignment]
+                    batch: list[BytesLike] = first if first.__class__ is list else [first]  # type: ignore[list-item]
                     while queue and size + queue[0][0] <= MAX_WS_MESSAGE:
                         frame_size, frame = queue.popleft()
                         size += frame_size
                         if frame.__class__ is list:
-                            batch.extend(frame)  # type: ignore[arg-type]
+                            batch.extend(frame)
                         else:
                             batch.append(frame)  # type: ignore[arg-type]
                     data = b"".join(batch)

@@ -35,8 +35,8 @@ import ssl
 import sys
 import urllib.parse
 from dataclasses import dataclass
+from typing import TypedDict
 
-import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
     InvalidHandshake,
@@ -48,6 +48,7 @@ from websockets.exceptions import (
     ProxyError,
 )
 from websockets.typing import Subprotocol
+from websockets.version import version as websockets_version
 
 from . import __version__
 from ._proxy_connect import open_tunnel_socket, proxy_display
@@ -91,7 +92,7 @@ def user_agent() -> str:
     openssl = f"{library.lower()}/{rest.split(' ')[0] or 'unknown'}"
     return (
         f"localproxy-python/{__version__} python/{python} "
-        f"websockets/{websockets.__version__} {openssl} {sys.platform}"
+        f"websockets/{websockets_version} {openssl} {sys.platform}"
     )
 
 
@@ -133,6 +134,16 @@ def normalize_proxy_url(text: str) -> str:
     return f"{parsed.scheme}://{netloc}:{port or DEFAULT_PROXY_PORT}"
 
 
+class _ConnectOptions(TypedDict, total=False):
+    """The ``connect`` options that depend on the config (proxy, TLS, tunnel socket)."""
+
+    proxy: str | None
+    proxy_ssl: ssl.SSLContext
+    ssl: ssl.SSLContext
+    server_hostname: str
+    sock: socket.socket
+
+
 class _Connect(connect):
     """``connect`` that never follows redirects: they would carry the access token elsewhere."""
 
@@ -153,7 +164,7 @@ async def open_session(
     headers = [("access-token", access_token)]
     if client_token is not None:
         headers.append(("client-token", client_token))
-    kwargs: dict[str, object] = {"proxy": None}  # config.https_proxy is the only proxy source
+    kwargs: _ConnectOptions = {"proxy": None}  # config.https_proxy is the only proxy source
     if config.endpoint.tls:
         kwargs["ssl"] = ssl_context(config)
         kwargs["server_hostname"] = config.endpoint.host
@@ -171,7 +182,8 @@ async def open_session(
         async with asyncio.timeout(open_timeout):
             if proxy_url and proxy_url.startswith("https://"):
                 # TLS to the proxy itself: websockets' own CONNECT support.
-                kwargs.update(proxy=proxy_url, proxy_ssl=ssl_context(config))
+                kwargs["proxy"] = proxy_url
+                kwargs["proxy_ssl"] = ssl_context(config)
             elif proxy_url:
                 tunnel_socket = await open_tunnel_socket(
                     proxy_url, config.endpoint.host, config.endpoint.port, user_agent=user_agent()
@@ -287,6 +299,9 @@ class Backoff:
     ``None`` (give up); ``-1`` means never give up. :meth:`reset` after a session
     that worked starts over. Delays are in seconds.
     """
+
+    _attempts: int
+    _previous: float  # the last delay handed out (seconds), set by reset()
 
     def __init__(
         self,

@@ -178,7 +178,7 @@ async def run_agent(agent: DeviceAgent) -> int:
     """Run ``agent`` until SIGINT/SIGTERM; returns the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(signum, stop.set)

@@ -166,7 +166,8 @@ class MqttLink:
         )
         async with client:
             granted = await client.subscribe(self.topic, qos=1)
-            codes = [int(getattr(code, "value", code)) for code in granted]
+            # MQTT 3.1.1 grants plain ints, MQTT 5 paho ReasonCode objects
+            codes = [code if isinstance(code, int) else code.value for code in granted]
             if not codes or codes[0] >= _FAILURE:
                 raise aiomqtt.MqttError(
                     f"the broker refused the subscription to {self.topic} (does the thing's policy allow it?)"

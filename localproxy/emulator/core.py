@@ -131,7 +131,7 @@ class Emulator:
                 context = certs.server_context(generated.cert_pem, generated.key_pem)
         plane = DataPlane(self.store, self.faults, self.relay, self.events)
         self._server = await start_server(plane, self.front, self.host, self.port, context)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._server.server.sockets[0].getsockname()[1]  # asyncio's: a tuple
         self._expiry_task = asyncio.create_task(self._expire_periodically())
         await self._start_mqtt()
         logger.info("emulator listening: control API %s, data plane %s", self.api_url, self.data_url)
@@ -291,7 +291,7 @@ class Emulator:
         logger.info("tunnel %s closed: %s", tunnel.tunnel_id, reason)
         self.events.emit("tunnel_closed", tunnel.tunnel_id, reason=reason)
         for side in ("source", "destination"):
-            self.relay.kick(tunnel.tunnel_id, side, f"tunnel closed: {reason}", reset_other=False)  # type: ignore[arg-type]
+            self.relay.kick(tunnel.tunnel_id, side, f"tunnel closed: {reason}", reset_other=False)
 
     def _on_notify(self, thing_name: str, payload: dict[str, object]) -> None:
         self.events.emit("notify", thing_name=thing_name, payload=payload)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from .store import AccessToken, Side, Store
@@ -65,7 +65,10 @@ def offered_subprotocols(headers: HeaderLookup) -> list[str]:
     return offered
 
 
-def choose_subprotocol(offered: list[str]) -> str | None:
+_Name = TypeVar("_Name", bound=str)  # str, or websockets' Subprotocol NewType
+
+
+def choose_subprotocol(offered: list[_Name]) -> _Name | None:
     """The highest version the client offers, or None."""
     known = [name for name in offered if name in SUBPROTOCOL_VERSIONS]
     return max(known, key=SUBPROTOCOL_VERSIONS.__getitem__) if known else None

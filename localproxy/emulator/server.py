@@ -15,6 +15,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from localproxy.codec import MAX_WS_MESSAGE
 
@@ -82,7 +83,7 @@ class DataPlane:
         else:  # websockets itself refused (not a valid upgrade): the token stays unused
             connection.admission = None
 
-    def select_subprotocol(self, connection: ServerConnection, offered: Sequence[str]) -> str | None:
+    def select_subprotocol(self, connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
         return choose_subprotocol(list(offered))
 
     async def handler(self, connection: ServerConnection) -> None:
@@ -108,7 +109,8 @@ async def start_server(
         plane.handler,
         host,
         port,
-        create_connection=functools.partial(FrontConnection, front=front),
+        # websockets only calls it like the class; its annotation asks for the class itself
+        create_connection=functools.partial(FrontConnection, front=front),  # type: ignore[arg-type]
         process_request=plane.process_request,
         process_response=plane.process_response,
         select_subprotocol=plane.select_subprotocol,

@@ -156,7 +156,7 @@ class Store:
         on_revoked: RevokedCallback = _ignore,
         on_closed: ClosedCallback = _ignore,
         on_notify: NotifyCallback = _ignore,
-        on_opened: Callable[[Tunnel], None] = _ignore,
+        on_opened: Callable[[Tunnel], object] = _ignore,  # the result is ignored
     ) -> None:
         self.region = region
         self.clock = clock or Clock()
