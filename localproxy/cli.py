@@ -6,23 +6,23 @@ Parsing lives in ``localproxy.command`` (:func:`parse_command_line`), syntax in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import platform
 import ssl
 import sys
 from importlib import metadata
-from typing import Any, Coroutine, Sequence
+from typing import Sequence
 
 from . import __version__
 from .command import ParsedCommand, parse_command_line
 from .errors import ExitCode, LocalProxyError, UsageError
 from .logs import setup_logging
 from .options import TRY_HELP, help_text
+from .runtime import run_program
 from .settings import export_settings
 
-__all__ = ["main", "parse_command_line", "ParsedCommand", "run_async", "version_text"]
+__all__ = ["main", "parse_command_line", "ParsedCommand", "version_text"]
 
 log = logging.getLogger("localproxy.cli")
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("The proxy engine (localproxy.proxy) cannot be loaded: %s", exc)
         return ExitCode.INTERNAL
     try:
-        return int(run_async(run_proxy(parsed.config)))
+        return int(run_program(run_proxy(parsed.config)))
     except KeyboardInterrupt:
         return ExitCode.OK
     except LocalProxyError as exc:
@@ -74,16 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # a bug: say so, with the traceback (redacted by the filter)
         log.critical("Internal error, please report it", exc_info=True)
         return ExitCode.INTERNAL
-
-
-def run_async(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coroutine`` to completion, on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
 
 
 def version_text() -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import signal
 from typing import Any, Callable
 
 from websockets.exceptions import ConnectionClosed
@@ -40,6 +39,7 @@ from .errors import (
 )
 from .events import Connected, Disconnected, ErrorEvent, Event
 from .proxy_engine import Engine
+from .runtime import stop_on_signals
 from .session import DEFAULT_MAX_DELAY_MS, Backoff, SessionInfo, open_session
 from .tokens import TokenSource
 from .tunnel import TunnelState
@@ -289,59 +289,23 @@ def _close_reason(closed: ConnectionClosed) -> str:
     return f"code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
 
 
-# glibc mallopt parameters (malloc.h) and the values run_proxy sets.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-TRIM_THRESHOLD = 8 * 1024 * 1024
-MMAP_THRESHOLD = 1024 * 1024
-
-
-def tune_allocator() -> bool:
-    """Keep freed heap memory for reuse instead of returning it to the OS at once.
-
-    Every websocket message (up to 128 KiB) is a fresh buffer; with glibc's default
-    thresholds (128 KiB) they are mmapped, or carved from heap top that is trimmed
-    right after, so each one page-faults its memory in again: measured ~45% of the
-    receiving proxy's CPU per GiB (benchmarks/bench_tunnel.py). Up to
-    ``TRIM_THRESHOLD`` freed bytes are kept instead. Process-wide, so only the
-    program (``run_proxy``) does it, not the library. False where not glibc.
-    """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): keep the defaults
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
 async def run_proxy(config: ProxyConfig) -> int:
     """Run a proxy until SIGINT/SIGTERM (exit 0) or a fatal error (its exit code)."""
-    tune_allocator()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    installed: list[signal.Signals] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
-            pass
     try:
-        async with LocalProxy(config) as proxy:
-            closed = loop.create_task(proxy.wait_closed())
-            stopping = loop.create_task(stop.wait())
-            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not closed.done():
-                logger.info("Stopping: closing local connections and the websocket")
-                closed.cancel()
+        with stop_on_signals(stop):
+            async with LocalProxy(config) as proxy:
+                closed = loop.create_task(proxy.wait_closed())
+                stopping = loop.create_task(stop.wait())
+                await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not closed.done():
+                    logger.info("Stopping: closing local connections and the websocket")
+                    closed.cancel()
+                    return 0
+                closed.result()  # raises the fatal error, if any
                 return 0
-            closed.result()  # raises the fatal error, if any
-            return 0
     except LocalProxyError as error:
         logger.error("%s", error)  # its message is written for the user
         return error.exit_code
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)

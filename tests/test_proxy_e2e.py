@@ -25,7 +25,6 @@ from localproxy.errors import (
     TunnelClosedError,
     ConnectionFailedError,
     HandshakeRejectedError,
-    LocalProxyError,
     ProtocolError,
 )
 from localproxy.events import (

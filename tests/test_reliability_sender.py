@@ -14,7 +14,8 @@ from websockets.asyncio.server import serve
 
 from localproxy.codec import MAX_WS_MESSAGE, FrameDecoder, Message, MessageType, encode_frame
 from localproxy.config import Mode, SourcePort
-from localproxy.proxy import LocalProxy, tune_allocator
+from localproxy.proxy import LocalProxy
+from localproxy.runtime import tune_allocator
 from localproxy.settings import V3
 
 TIMEOUT = 10.0

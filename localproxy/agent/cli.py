@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -21,6 +20,7 @@ from .. import __version__
 from ..config import Mode, ServiceTarget
 from ..errors import ExitCode, LocalProxyError, UsageError
 from ..logs import setup_logging
+from ..runtime import run_program, stop_on_signals
 from ..mappings import Notes, parse_mapping, read_config_dir
 from ..settings import Settings, load_settings_json
 from .agent import DEFAULT_MAX_TUNNELS, DeviceAgent
@@ -163,10 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         paho_logger.setLevel(logging.DEBUG)
     for level, message in notes:
         log.log(level, "%s", message)
-    from ..cli import run_async
 
     try:
-        return int(run_async(run_agent(agent)))
+        return int(run_program(run_agent(agent)))
     except KeyboardInterrupt:
         return ExitCode.OK
     except LocalProxyError as error:
@@ -176,20 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def run_agent(agent: DeviceAgent) -> int:
     """Run ``agent`` until SIGINT/SIGTERM; returns the exit status."""
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    installed: list[signal.Signals] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
-            pass
-    try:
+    with stop_on_signals(stop):
         async with agent:
             await stop.wait()
             log.info("Stopping: closing the destination proxies and the MQTT connection")
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
     return ExitCode.OK

@@ -18,11 +18,10 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Coroutine
 
+from ..runtime import run_program, stop_on_signals
 from .core import Emulator
 
 logger = logging.getLogger("localproxy.emulator")
@@ -76,22 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.verbose, sys.stderr)  # stdout carries the JSON line
     try:
-        return _run(lambda: serve(args))
+        return run_program(serve(args))
     except OSError as error:  # the port is taken, the address is not ours...
         print(f"localproxy.emulator: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 1
-
-
-def _run(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    from localproxy.proxy import tune_allocator
-
-    tune_allocator()  # the relay allocates a buffer per message too: same gain as the proxies
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
-        return asyncio.run(factory())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(factory())
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -107,21 +94,19 @@ async def serve(args: argparse.Namespace) -> int:
         mqtt_port=args.mqtt_port,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with emulator:
-        line = {
-            "api": emulator.api_url,
-            "data": emulator.data_url,
-            "ca": str(emulator.ca_pem_path) if emulator.ca_pem_path else None,
-            "capath": str(emulator.capath) if emulator.capath else None,
-            "mqtt": emulator.mqtt_url,
-        }
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
-        await stop.wait()
-        logger.info("stopping")
+    with stop_on_signals(stop):
+        async with emulator:
+            line = {
+                "api": emulator.api_url,
+                "data": emulator.data_url,
+                "ca": str(emulator.ca_pem_path) if emulator.ca_pem_path else None,
+                "capath": str(emulator.capath) if emulator.capath else None,
+                "mqtt": emulator.mqtt_url,
+            }
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+            await stop.wait()
+            logger.info("stopping")
     return 0
 
 

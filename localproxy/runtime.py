@@ -1,0 +1,68 @@
+"""Process-level set-up shared by the programs (proxy, emulator, agent), not the library.
+
+The event loop (uvloop when installed), the allocator tuning and the stop
+signals are process-wide: a library user embedding ``LocalProxy`` keeps its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# glibc mallopt parameters (malloc.h) and the values the programs set.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+TRIM_THRESHOLD = 8 * 1024 * 1024
+MMAP_THRESHOLD = 1024 * 1024
+
+
+def tune_allocator() -> bool:
+    """Keep freed heap memory for reuse instead of returning it to the OS at once.
+
+    Every websocket message (up to 128 KiB) is a fresh buffer; with glibc's default
+    thresholds (128 KiB) they are mmapped, or carved from heap top that is trimmed
+    right after, so each one page-faults its memory in again: measured ~45% of the
+    receiving proxy's CPU per GiB (benchmarks/bench_tunnel.py). Up to
+    ``TRIM_THRESHOLD`` freed bytes are kept instead. False where not glibc.
+    """
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): keep the defaults
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def run_program(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a program's main coroutine: tuned allocator, on uvloop when it is installed."""
+    tune_allocator()
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (not on Windows)
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGINT/SIGTERM while inside; handlers removed on the way out."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
