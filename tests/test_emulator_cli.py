@@ -27,11 +27,26 @@ def _env() -> dict[str, str]:
     return env
 
 
+_children: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+async def _kill_leftover_emulators() -> Any:
+    """A failing assertion between start() and stop() must not leave an emulator running."""
+    yield
+    while _children:
+        process = _children.pop()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def start(*args: str) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "localproxy.emulator", *args,
         cwd=REPO_ROOT, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    _children.append(process)
     assert process.stdout is not None
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 15)
