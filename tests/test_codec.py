@@ -3,6 +3,7 @@ property tests against google.protobuf's generated ``Message_pb2.Message``."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -559,3 +560,129 @@ def test_d_data_fast_path_layouts_and_their_mutations_agree_with_protobuf(
     except DecodeError:
         pytest.fail(f"we accepted a body protobuf rejects: {bytes(body)[:40]!r}")
     assert pb_values(parsed) == our_values(message)
+
+
+# --- the hot frame cache (FrameDecoder remembers the last DATA frame's header) --
+
+
+def data_frame(stream_id: int, connection_id: int, payload: bytes, service_id: str, our_layout: bool) -> bytes:
+    if our_layout:
+        return b"".join(encode_data_frame(stream_id, connection_id, payload, service_id))
+    message = Message(MessageType.DATA, stream_id, payload=payload, service_id=service_id, connection_id=connection_id)
+    return encode_frame(message)
+
+
+def agree_with_protobuf(stream: bytes, messages: list[Message]) -> None:
+    """Every frame of ``stream`` parsed by protobuf equals the decoded message at its index."""
+    bodies = []
+    pos = 0
+    while pos < len(stream):
+        end = pos + 2 + int.from_bytes(stream[pos : pos + 2], "big")
+        bodies.append(stream[pos + 2 : end])
+        pos = end
+    assert [our_values(m) for m in messages] == [pb_values(PbMessage.FromString(body)) for body in bodies]
+
+
+def feed_each(frames: list[bytes]) -> list[Message]:
+    decoder = FrameDecoder()
+    return [message for one in frames for message in decoder.feed(one)]
+
+
+@pytest.mark.parametrize("our_layout", [True, False])
+def test_alternating_connections_and_streams_switch_the_cache(our_layout: bool) -> None:
+    ids = [(1, 1, "SSH"), (2, 1, "SSH"), (1, 2, "SSH"), (200, 3, "WEB"), (1, 1, "SSH"), (1, 1, "")]
+    sizes = (3, 3, 150, 150, 35000)
+    frames = [data_frame(s, c, bytes([i]) * n, sid, our_layout) for i, n in enumerate(sizes) for s, c, sid in ids]
+    stream = b"".join(frames)
+    agree_with_protobuf(stream, FrameDecoder().feed(stream))
+    agree_with_protobuf(stream, feed_each(frames))
+
+
+@pytest.mark.parametrize("our_layout", [True, False])
+def test_a_frame_sharing_the_hot_header_but_with_an_extra_trailing_field(our_layout: bool) -> None:
+    hot = data_frame(5, 1, b"abcdef", "SSH", our_layout)
+    body = hot[2:]
+    extra_fields = [b"\x38\x09", b"\x2a\x01X", b"\x40\x01", b"\x22\x01Z", b"\x10\x07", b"\x08\x02"]
+    frames = [hot]
+    for extra in extra_fields:
+        frames.append(frame(body + extra))  # same prefix and length varint, more after the payload
+        frames.append(hot)
+    # Same frame length as the hot frame: two payload bytes become a trailing field.
+    shrunk = bytearray(body)
+    varint_at = body.index(b"\x22\x06") + 1
+    shrunk[varint_at] = 4
+    shrunk = shrunk[:-2] if our_layout else shrunk[: varint_at + 5] + shrunk[varint_at + 7 :]
+    frames.append(frame(bytes(shrunk) + b"\x38\x05"))
+    # Same frame length, payload and varint; only the trailing connectionId differs (protobuf's order).
+    if not our_layout:
+        frames.append(hot[:-1] + b"\x02")
+    stream = b"".join(frames)
+    decoded = FrameDecoder().feed(stream)
+    agree_with_protobuf(stream, decoded)
+    agree_with_protobuf(stream, feed_each(frames))
+    assert decoded[1].connection_id == 9 and decoded[2].connection_id == 1
+    assert decoded[-1].connection_id in (5, 2)
+
+
+@pytest.mark.parametrize("our_layout", [True, False])
+def test_hot_prefix_with_length_varints_of_one_two_and_three_bytes(our_layout: bool) -> None:
+    sizes = [0, 1, 127, 128, 300, 16383, 16384, 64512, 5, 64512, 64512, 200, 200, 20000, 0]
+    frames = [data_frame(9, 4, bytes([n % 251]) * n, "SSH", our_layout) for n in sizes]
+    stream = b"".join(frames)
+    decoded = FrameDecoder().feed(stream)
+    assert [len(m.payload) for m in decoded] == sizes
+    agree_with_protobuf(stream, decoded)
+    agree_with_protobuf(stream, feed_each(frames))
+    agree_with_protobuf(stream, feed_each([stream[i : i + 777] for i in range(0, len(stream), 777)]))
+
+
+@pytest.mark.parametrize("our_layout", [True, False])
+def test_oversized_payload_behind_a_hot_header_raises_the_usual_error(our_layout: bool) -> None:
+    decoder = FrameDecoder(max_payload_size=100)
+    assert len(decoder.feed(data_frame(1, 1, b"x" * 100, "SSH", our_layout))) == 1
+    with pytest.raises(ProtocolError, match="payload of 101 bytes exceeds the 100-byte limit"):
+        decoder.feed(data_frame(1, 1, b"x" * 101, "SSH", our_layout))
+    decoder = FrameDecoder(max_frame_size=200)
+    assert len(decoder.feed(data_frame(1, 1, b"x" * 150, "SSH", our_layout) * 2)) == 2
+    with pytest.raises(ProtocolError, match="frame length .* exceeds the 200-byte limit"):
+        decoder.feed(data_frame(1, 1, b"x" * 200, "SSH", our_layout))
+
+
+OTHER_FRAMES = [encode_frame(m) for m in SAMPLES if m.type != MessageType.DATA] + [
+    frame(b"\x08\x01\x10\x01\x22\x01a\x40\x01"),  # DATA with an unknown field
+    frame(b"\x08\x01\x10\xff\xff\x03\x22\x01a"),  # 3-byte streamId
+    frame(b"\x22\x01a\x08\x01\x10\x01"),  # payload first
+]
+
+
+@PROPERTY
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.sampled_from([1, 2, 130]),
+                st.sampled_from([0, 1, 2]),
+                st.sampled_from(["", "SSH"]),
+                st.sampled_from([0, 1, 100, 128, 3000, 16384, 64512]),
+                st.booleans(),
+            ),
+            st.sampled_from(OTHER_FRAMES),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.lists(st.integers(0, 200_000), max_size=4),
+)
+def test_e_data_frame_sequences_agree_with_protobuf(
+    items: list[tuple[int, int, str, int, bool] | bytes], cuts: list[int]
+) -> None:
+    frames = [
+        item if isinstance(item, bytes) else data_frame(s, c, bytes([n % 251]) * n, service_id, our_layout)
+        for item in items
+        for s, c, service_id, n, our_layout in [item if isinstance(item, tuple) else (0, 0, "", 0, False)]
+    ]
+    stream = b"".join(frames)
+    agree_with_protobuf(stream, FrameDecoder().feed(stream))
+    agree_with_protobuf(stream, feed_each(frames))
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    agree_with_protobuf(stream, feed_each([stream[a:b] for a, b in itertools.pairwise(bounds)]))
