@@ -121,7 +121,7 @@ def parse_command_line(
     endpoint, region = _endpoint_and_region(layers, settings, notes)
     access_token = _access_token(layers, notes)
     client_token = _client_token(layers)
-    https_proxy = _https_proxy(environ, notes)
+    https_proxy = https_proxy_from_environment(environ, notes)
     mode, services, optional = _mode_and_services(layers, cwd, notes)
 
     bind_address = layers.text("local-bind-address")
@@ -255,7 +255,8 @@ def _client_token(layers: _Layers) -> str | None:
     return token
 
 
-def _https_proxy(environ: Mapping[str, str], notes: Notes) -> str | None:
+def https_proxy_from_environment(environ: Mapping[str, str], notes: Notes) -> str | None:
+    """The web proxy URL of ``https_proxy``/``HTTPS_PROXY`` (password registered as a secret)."""
     name = next((n for n in ENV_HTTPS_PROXY_NAMES if environ.get(n)), None)
     if name is None:
         return None

@@ -377,6 +377,22 @@ def test_cli_usage_errors_exit_1_with_a_hint(capsys: pytest.CaptureFixture[str])
     assert "Invalid configuration directory" in capsys.readouterr().err
 
 
+def test_cli_passes_https_proxy_and_insecure_flag_to_its_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localproxy.agent.cli import agent_from_args, build_parser
+
+    base = ["--thing-name", "t", "--mqtt-endpoint", "mqtt://127.0.0.1:1", "--service", "SSH=22"]
+    monkeypatch.delenv("https_proxy", raising=False)  # the lower-case one would win
+    monkeypatch.setenv("HTTPS_PROXY", "http://ops:pw-123456@127.0.0.1:3128")
+    agent, notes = agent_from_args(build_parser().parse_args(base + ["-k"]))
+    assert agent.https_proxy == "http://ops:pw-123456@127.0.0.1:3128"
+    assert agent.verify_ssl is False
+    assert any("SECURITY WARNING" in text for _, text in notes)
+    monkeypatch.delenv("HTTPS_PROXY")
+    agent, notes = agent_from_args(build_parser().parse_args(base))
+    assert agent.https_proxy is None and agent.verify_ssl is True
+    assert not any("SECURITY WARNING" in text for _, text in notes)
+
+
 async def test_the_agent_program_serves_a_tunnel_and_stops_on_sigterm(tmp_path: Path) -> None:
     thing = "cli-thing"
     async with Emulator(port=0, mqtt=True) as emu, echo_server() as ssh:

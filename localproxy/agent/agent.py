@@ -69,6 +69,7 @@ class DeviceAgent:
         when_full: WhenFull | str = WhenFull.EVICT_OLDEST,
         capath: str | None = None,
         verify_ssl: bool = True,
+        https_proxy: str | None = None,
         close_timeout: float = 10.0,
     ) -> None:
         self.thing_name = thing_name
@@ -79,6 +80,7 @@ class DeviceAgent:
         self.proxy_settings = proxy_settings if proxy_settings is not None else Settings()
         self.capath = capath
         self.verify_ssl = verify_ssl
+        self.https_proxy = https_proxy  # http(s)://[user:pass@]host[:port] for the data plane
         self.close_timeout = close_timeout
         self.planner = TunnelPlanner(services, max_tunnels, WhenFull(when_full))
         self._subscribers: list[Subscriber] = []
@@ -214,6 +216,7 @@ class DeviceAgent:
             settings=self.proxy_settings,
             capath=self.capath,
             verify_ssl=self.verify_ssl,
+            https_proxy=self.https_proxy,
         )
         proxy = LocalProxy(config)
         key, generation = action.key, action.generation

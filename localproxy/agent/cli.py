@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
+from ..command import INSECURE_WARNING, https_proxy_from_environment
 from ..config import Mode, ServiceTarget
 from ..errors import ExitCode, LocalProxyError, UsageError
 from ..logs import setup_logging
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: from the notification's region)",
     )
     parser.add_argument("--capath", "-c", help="CA directory for the tunneling endpoint's TLS (as localproxy -c)")
+    parser.add_argument(
+        "--no-ssl-host-verify", "-k", action="store_true",
+        help="turn off TLS verification of the tunneling endpoint (as localproxy -k; unsafe)",
+    )
     parser.add_argument(
         "--max-tunnels", type=int, default=DEFAULT_MAX_TUNNELS,
         help=f"tunnels served at once (default {DEFAULT_MAX_TUNNELS})",
@@ -142,7 +148,11 @@ def agent_from_args(args: argparse.Namespace) -> tuple[DeviceAgent, Notes]:
         proxy_settings=settings,
         when_full=args.when_full,
         capath=args.capath,
+        verify_ssl=not args.no_ssl_host_verify,
+        https_proxy=https_proxy_from_environment(os.environ, notes),  # as localproxy: HTTPS_PROXY
     )
+    if args.no_ssl_host_verify:
+        notes.append((logging.WARNING, INSECURE_WARNING))
     return agent, notes
 
 
