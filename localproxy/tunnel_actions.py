@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._varint import encode_length_varint
 from .codec import BytesLike, Message, MessageType, encode_frame
 from .config import DestinationTarget
 from .errors import LocalProxyError
@@ -127,15 +128,6 @@ def control_frame(kind: MessageType, stream_id: int, service_id: str = "", conne
     )
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 _PAYLOAD_TAG = b'"'  # field 4, length-delimited
 _LENGTH_VARINTS: dict[int, bytes] = {}
 
@@ -158,7 +150,7 @@ class DataFramer:
     def _header(self, size: int) -> bytes:
         length = _LENGTH_VARINTS.get(size)
         if length is None:
-            length = _LENGTH_VARINTS.setdefault(size, _varint(size))  # sizes <= 64512: bounded
+            length = _LENGTH_VARINTS.setdefault(size, encode_length_varint(size))  # sizes <= 64512: bounded
         fields = self._fields
         return (len(fields) + 1 + len(length) + size).to_bytes(2, "big") + fields + _PAYLOAD_TAG + length
 

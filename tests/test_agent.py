@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import trustme
 
@@ -43,6 +42,8 @@ from localproxy.errors import ConfigError, HandshakeRejectedError
 from localproxy.events import Connected
 from localproxy.proxy import LocalProxy
 from localproxy.settings import Settings
+
+from aws_client import api_for, call
 
 REPO_ROOT = Path(localproxy.__file__).resolve().parent.parent
 TIMEOUT = 10
@@ -115,15 +116,6 @@ async def round_trip(port: int, size: int = 256 * 1024) -> None:
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
-def api_for(emu: Emulator) -> Any:
-    return boto3.client(
-        "iotsecuretunneling", endpoint_url=emu.api_url, region_name="us-east-1",
-        aws_access_key_id="x", aws_secret_access_key="x",
-    )  # fmt: skip
-
-
-async def call(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    return await asyncio.wait_for(asyncio.to_thread(fn, **kwargs), TIMEOUT)
 
 
 def make_agent(emu: Emulator, thing: str, services: dict[str, DestinationTarget], **options: Any) -> DeviceAgent:

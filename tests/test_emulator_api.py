@@ -24,6 +24,8 @@ from botocore.exceptions import ClientError, ParamValidationError
 
 from localproxy.emulator import ApiError, Emulator
 
+from aws_client import call
+
 ARN_RE = re.compile(r"arn:aws:iot:us-east-1:123456789012:tunnel/[0-9a-f-]{36}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{200,}")
 
@@ -37,9 +39,6 @@ def client_for(emu: Emulator) -> Any:
         aws_secret_access_key="x",
     )
 
-
-async def call(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    return await asyncio.wait_for(asyncio.to_thread(fn, **kwargs), 10)
 
 
 async def error_of(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:

@@ -23,19 +23,12 @@ import localproxy
 from localproxy.emulator import Emulator
 from localproxy.emulator.mqtt import EmbeddedBroker, NotifyPublisher, notify_payload, notify_topic
 
+from aws_client import api_for, call
+
 REPO_ROOT = Path(localproxy.__file__).resolve().parent.parent
 TIMEOUT = 10
 
 
-def api_for(emu: Emulator) -> Any:
-    return boto3.client(
-        "iotsecuretunneling", endpoint_url=emu.api_url, region_name="us-east-1",
-        aws_access_key_id="x", aws_secret_access_key="x",
-    )  # fmt: skip
-
-
-async def call(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    return await asyncio.wait_for(asyncio.to_thread(fn, **kwargs), TIMEOUT)
 
 
 @asynccontextmanager
