@@ -5,32 +5,38 @@ hands the sans-I/O tunnel's actions to, and what every local connection reports
 to (it implements :class:`~localproxy.adapters.LocalHub`). It lives as long as
 the proxy (listeners survive reconnects); a :class:`Sender` lives for one session.
 
-Send path: frames queue up in the session's :class:`Sender`, whose task joins
-the ready ones into websocket messages of at most 131076 bytes, whole frames only
-(one ``ws.send`` each; websockets waits while its write buffer is over
-``write_limit``). While the queue holds more than ``SEND_HIGH`` bytes every local
-socket stops being read, until it is back under ``SEND_LOW``: memory stays
-bounded and a fast local application is slowed to the websocket's pace.
+Send path: frames wait in the session's :class:`~localproxy.scheduler.SendScheduler`
+(one queue per local connection, fair and order-safe); the :class:`Sender` task
+takes one websocket message at a time from it, of the size the
+:class:`~localproxy.pacing.Pacer` allows, and keeps what sits below it small
+(websockets' write buffer and the kernel's unsent bytes, ``TCP_NOTSENT_LOWAT``),
+so that the queue lives where it can be reordered. A connection whose own queue
+is full stops being read (``PAUSE_CONGESTED``) until the scheduler resumes it;
+the others go on being read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import socket
+import sys
 from typing import Any, Callable
 
 from websockets.exceptions import ConnectionClosed
 
 from .adapters import PAUSE_CONGESTED, PAUSE_HELD, LocalConnection, listen
-from .codec import MAX_WS_MESSAGE, BytesLike
+from .codec import BytesLike
 from .config import Mode, ProxyConfig
 from .errors import LocalProxyError
 from .events import ErrorEvent, Event, Listening, TunnelReady
+from .pacing import Pacer
+from .scheduler import SendScheduler
 from .tunnel import TunnelState
 from .tunnel_actions import (
     Close,
     Connect,
+    DataFramer,
     Fatal,
     Hold,
     Listen,
@@ -38,90 +44,78 @@ from .tunnel_actions import (
     Release,
     RestartSession,
     Send,
+    SendData,
     StopListen,
     Write,
 )
 
-__all__ = ["Engine", "SEND_HIGH", "SEND_LOW", "Sender"]
+__all__ = ["Engine", "Sender", "tune_send_buffers"]
 
 logger = logging.getLogger("localproxy.proxy")
 
-SEND_HIGH = 512 * 1024
-SEND_LOW = 128 * 1024
+# Linux has it in the socket module; macOS's value is 0x201; elsewhere the kernel's
+# send buffer is not bounded by us (the scheduler still orders what is above it).
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.platform == "darwin" else None)
+
+
+def tune_send_buffers(ws: Any, budget: int) -> None:
+    """Let websockets' write buffer and the kernel's unsent bytes hold about ``budget`` each."""
+    transport = ws.transport
+    try:
+        transport.set_write_buffer_limits(high=budget, low=budget // 4)
+    except (AttributeError, RuntimeError):  # pragma: no cover - closing
+        return
+    sock = transport.get_extra_info("socket")
+    if _NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget)
+        except OSError:  # pragma: no cover - not supported here, or closed
+            pass
 
 
 class Sender:
-    """The websocket writer of one session: queued frame parts -> batched messages."""
+    """The websocket writer of one session: scheduler -> paced messages."""
 
-    def __init__(self, ws: Any, on_congestion: Callable[[bool], None]) -> None:
+    def __init__(self, ws: Any, on_resumed: Callable[[list[int]], None]) -> None:
         self._ws = ws
-        self._queue: deque[tuple[int, BytesLike | list[BytesLike]]] = deque()  # (size, frame parts)
-        self._bytes = 0
+        self.scheduler = SendScheduler()
+        self.pacer = Pacer()
         self._wakeup = asyncio.Event()
-        self._congested = False
-        self._on_congestion = on_congestion
+        self._on_resumed = on_resumed
+        tune_send_buffers(ws, self.pacer.budget)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def send(self, parts: list[BytesLike]) -> None:
-        """Queue the parts of whole frames (a control frame, or DATA header + payload)."""
-        queue = self._queue
-        total = 0
-        index = 0
-        count = len(parts)
-        while index < count:
-            first = parts[index]
-            index += 1
-            size = len(first)
-            # A frame's parts stay together so that no message ends mid-frame: the
-            # receivers (service, peer proxy) then never reassemble a split frame.
-            need = ((first[0] << 8) | first[1]) + 2
-            if size >= need or index == count:
-                queue.append((size, first))
-            else:
-                group = [first]
-                while size < need and index < count:
-                    part = parts[index]
-                    index += 1
-                    group.append(part)
-                    size += len(part)
-                queue.append((size, group))
-            total += size
-        self._bytes += total
+    def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
+        self.scheduler.push_control(frame, key, service_id)
         self._wakeup.set()
-        if self._bytes > SEND_HIGH and not self._congested:
-            self._congested = True
-            self._on_congestion(True)
+
+    def push_data(self, key: int, service_id: str, framer: DataFramer, data: BytesLike) -> bool:
+        """Queue a connection's payload; True: stop reading that connection."""
+        pause = self.scheduler.push_data(key, service_id, framer, data)
+        self._wakeup.set()
+        return pause
 
     async def _run(self) -> None:
-        queue = self._queue
+        scheduler = self.scheduler
+        pacer = self.pacer
         ws = self._ws
+        clock = asyncio.get_running_loop().time
         try:
             while True:
-                if not queue:
+                if not scheduler:
+                    pacer.idle()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                size, first = queue.popleft()
-                data: BytesLike
-                # mypy cannot narrow where a `__class__ is list` test is false (a subclass
-                # could pass), so the three ignores below say "BytesLike here".
-                if first.__class__ is not list and not (queue and size + queue[0][0] <= MAX_WS_MESSAGE):
-                    data = first  # type: ignore[assignment]
-                else:
-                    batch: list[BytesLike] = first if first.__class__ is list else [first]  # type: ignore[list-item]
-                    while queue and size + queue[0][0] <= MAX_WS_MESSAGE:
-                        frame_size, frame = queue.popleft()
-                        size += frame_size
-                        if frame.__class__ is list:
-                            batch.extend(frame)
-                        else:
-                            batch.append(frame)  # type: ignore[arg-type]
-                    data = b"".join(batch)
-                self._bytes -= size
-                if self._congested and self._bytes <= SEND_LOW:
-                    self._congested = False
-                    self._on_congestion(False)
+                parts = scheduler.take_message(pacer.budget)
+                resumed = scheduler.take_resumed()
+                if resumed:
+                    self._on_resumed(resumed)
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                pacer.sending(clock())
                 await ws.send(data)
+                if pacer.sent(len(data), clock()):
+                    tune_send_buffers(ws, pacer.budget)
         except ConnectionClosed:
             pass  # the receive loop sees it too and ends the session
         except Exception:  # noqa: BLE001 - a bug: end the session rather than hang
@@ -150,7 +144,6 @@ class Engine:
         self._servers: dict[str, list[asyncio.Server]] = {}
         self._conns: dict[int, LocalConnection] = {}
         self._paused_writers: set[LocalConnection] = set()
-        self._congested = False
 
     @property
     def paused_writers(self) -> frozenset[LocalConnection]:
@@ -160,14 +153,14 @@ class Engine:
 
     def session_started(self, ws: Any) -> None:
         self.restart = None
-        self.sender = Sender(ws, self.set_congested)
+        self.sender = Sender(ws, self._resume_reading)
 
     def session_ended(self) -> None:
         if self.sender is not None:
             self.sender.stop()
             self.sender = None
         self.apply(self.tunnel.session_lost())
-        self.set_congested(False)
+        self._resume_reading(list(self._conns))
 
     def shutdown(self) -> None:
         """Stop listening and close every local connection (flushing what is queued)."""
@@ -189,9 +182,12 @@ class Engine:
         conns = self._conns
         for action in actions:
             kind = action.__class__
-            if kind is Send:
-                if self.sender is not None:
-                    self.sender.send(action.parts)
+            if kind is SendData:
+                sender = self.sender
+                if sender is not None and sender.push_data(action.key, action.service_id, action.framer, action.data):
+                    conn = conns.get(action.key)
+                    if conn is not None:
+                        conn.pause_reading(PAUSE_CONGESTED)
             elif kind is Write:
                 conn = conns.get(action.key)
                 if conn is not None:
@@ -207,6 +203,9 @@ class Engine:
                 conn = conns.get(action.key)
                 if conn is not None:
                     (conn.pause_reading if kind is Hold else conn.resume_reading)(PAUSE_HELD)
+            elif kind is Send:
+                if self.sender is not None:
+                    self.sender.push_control(action.frame, action.key, action.service_id)
             elif kind is Log:
                 logger.log(action.level, "%s", action.message)
             elif kind is Fatal:
@@ -245,7 +244,7 @@ class Engine:
         service_id = action.service_id
 
         def factory() -> LocalConnection:
-            return LocalConnection(self, service_id, read_paused=PAUSE_CONGESTED if self._congested else 0)
+            return LocalConnection(self, service_id)
 
         try:
             servers, port = await listen(service_id, self.config.effective_bind_address, action.port, factory)
@@ -258,9 +257,7 @@ class Engine:
 
     def _connect(self, action: Connect) -> None:
         settings = self.config.settings
-        conn = LocalConnection(
-            self, action.service_id, action.key, read_paused=PAUSE_CONGESTED if self._congested else 0
-        )
+        conn = LocalConnection(self, action.service_id, action.key)
         self._conns[action.key] = conn
         conn.start_connect(
             action.target,
@@ -276,15 +273,12 @@ class Engine:
             conn.close(False)
         self.apply(self.tunnel.connect_result(conn.key, ok))
 
-    def set_congested(self, congested: bool) -> None:
-        """The sender's queue crossed a mark: stop or resume reading every local socket."""
-        if congested == self._congested:
-            return
-        self._congested = congested
-        for conn in self._conns.values():
-            if congested:
-                conn.pause_reading(PAUSE_CONGESTED)
-            else:
+    def _resume_reading(self, keys: list[int]) -> None:
+        """The scheduler has room again for these connections' data."""
+        conns = self._conns
+        for key in keys:
+            conn = conns.get(key)
+            if conn is not None:
                 conn.resume_reading(PAUSE_CONGESTED)
 
     # --- LocalHub: reports from local connections ----------------------------------------

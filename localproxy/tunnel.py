@@ -47,6 +47,7 @@ from .tunnel_actions import (
     Log,
     RestartSession,
     Send,
+    SendData,
     StopListen,
     Write,
     control_frame,
@@ -207,7 +208,7 @@ class TunnelState(TunnelCore):
         if existing is not None:  # the guide: an error; reset that connection id
             del self._connections[existing.key]
             out.append(Close(existing.key, True))
-            self._send_reset(stream, connection_id, False, out)
+            self._send_reset(stream, connection_id, False, out, existing.key)
             out.append(ConnectionReset(stream.service_id, stream.stream_id, connection_id, "local"))
             return
         self._open_destination(stream, connection_id, False, out)
@@ -232,7 +233,7 @@ class TunnelState(TunnelCore):
         stream_id = message.stream_id
         if stream_id < self._latest_start.get(service, 0) or not self._remember_reset(service, stream_id):
             return
-        out.append(Send([control_frame(MessageType.STREAM_RESET, stream_id, message.service_id)]))
+        out.append(Send(control_frame(MessageType.STREAM_RESET, stream_id, message.service_id)))
         out.append(
             Log(
                 logging.INFO,
@@ -320,7 +321,7 @@ class TunnelState(TunnelCore):
             frame = control_frame(
                 MessageType.CONNECTION_START, stream.stream_id, stream.wire_service_id, connection_id
             )
-            out.append(Send([frame]))
+            out.append(Send(frame, key, service_id))
             out.append(ConnectionStarted(service_id, stream.stream_id, connection_id))
         else:
             self._held.setdefault(service_id, deque()).append(key)
@@ -342,7 +343,7 @@ class TunnelState(TunnelCore):
         if framer is None:  # held: keep it for when its stream starts
             conn.held_data.append(bytes(data))
             return []
-        return [Send(framer.frames(data))]
+        return [SendData(key, conn.service_id, framer, data)]
 
     def local_closed(self, key: int) -> Output:
         """A local connection ended (EOF, error): tell the peer. Unknown keys are ignored."""
@@ -359,7 +360,7 @@ class TunnelState(TunnelCore):
         del stream.connections[conn.connection_id]
         last = not stream.connections
         if stream.uses_connection_ids and not (self.mode is Mode.SOURCE and last):
-            self._send_reset(stream, conn.connection_id, False, out)
+            self._send_reset(stream, conn.connection_id, False, out, key)
             out.append(ConnectionReset(stream.service_id, stream.stream_id, conn.connection_id, "local"))
         else:
             self._end_stream(stream, "local", out)

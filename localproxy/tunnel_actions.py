@@ -31,6 +31,7 @@ __all__ = [
     "Release",
     "RestartSession",
     "Send",
+    "SendData",
     "StopListen",
     "Write",
     "control_frame",
@@ -39,9 +40,35 @@ __all__ = [
 
 @dataclass(slots=True)
 class Send:
-    """Send these tunnel frame bytes (concatenated, in order) over the websocket."""
+    """Send one control frame; its place in the order (see ``scheduler.py``):
 
-    parts: list[BytesLike]
+    - ``key`` set: after everything queued for that local connection (``service_id`` is its service);
+    - only ``service_id``: a stream-level frame, after everything its service queued so far;
+    - neither: before everything (it concerns nothing queued).
+    """
+
+    frame: bytes
+    key: int = 0
+    service_id: str | None = None
+
+    @property
+    def parts(self) -> list[BytesLike]:
+        return [self.frame]
+
+
+@dataclass(slots=True)
+class SendData:
+    """Send ``data`` of local connection ``key`` as DATA frames built by ``framer``."""
+
+    key: int
+    service_id: str
+    framer: "DataFramer"
+    data: BytesLike
+
+    @property
+    def parts(self) -> list[BytesLike]:
+        """The frames as they would go out unscheduled (tests, tools)."""
+        return self.framer.frames(self.data)
 
 
 @dataclass(slots=True)
@@ -118,7 +145,7 @@ class RestartSession:
     error: LocalProxyError
 
 
-Action = Send | Write | Close | Connect | Hold | Release | Listen | StopListen | Log | Fatal | RestartSession
+Action = Send | SendData | Write | Close | Connect | Hold | Release | Listen | StopListen | Log | Fatal | RestartSession
 
 
 def control_frame(kind: MessageType, stream_id: int, service_id: str = "", connection_id: int = 0) -> bytes:
@@ -140,12 +167,18 @@ class DataFramer:
     Chunks are memoryview slices of ``data``: no payload copy here.
     """
 
-    __slots__ = ("_fields", "_max_payload")
+    __slots__ = ("_fields", "_max_payload", "overhead")
 
     def __init__(self, stream_id: int, service_id: str, connection_id: int, max_payload: int) -> None:
         # encode_frame of a DATA message without payload = exactly those fields.
         self._fields = control_frame(MessageType.DATA, stream_id, service_id, connection_id)[2:]
         self._max_payload = max_payload
+        # Frame bytes besides the payload, at most: length prefix, fields, tag, 3-byte varint.
+        self.overhead = 2 + len(self._fields) + 1 + 3
+
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload
 
     def _header(self, size: int) -> bytes:
         length = _LENGTH_VARINTS.get(size)

@@ -15,7 +15,7 @@ from .config import Mode, ProxyConfig, ServiceTarget
 from .errors import ConfigError
 from .events import ConnectionStarted, Event, Initiator, StreamReset, StreamStarted
 from .settings import V1, V2, V3
-from .tunnel_actions import Action, Close, DataFramer, Release, Send, control_frame
+from .tunnel_actions import Action, Close, DataFramer, Release, Send, SendData, control_frame
 
 __all__ = ["Connection", "Output", "Stream", "TunnelCore", "VERSIONS"]
 
@@ -186,26 +186,31 @@ class TunnelCore:
         start = control_frame(
             MessageType.STREAM_START, stream.stream_id, stream.wire_service_id, connection_id
         )
-        out.append(Send([start]))
+        out.append(Send(start, service_id=service))
         out.append(StreamStarted(service, stream.stream_id))
         if stream.uses_connection_ids:
             out.append(ConnectionStarted(service, stream.stream_id, 1))
         framer = conn.framer
         assert framer is not None
         for data in conn.held_data:
-            out.append(Send(framer.frames(data)))
+            out.append(SendData(conn.key, service, framer, data))
         conn.held_data = []
 
-    def _send_reset(self, stream: Stream, connection_id: int, whole_stream: bool, out: Output) -> None:
+    def _send_reset(
+        self, stream: Stream, connection_id: int, whole_stream: bool, out: Output, key: int = 0
+    ) -> None:
+        """STREAM_RESET (after everything the service queued), or CONNECTION_RESET (after
+        what connection ``key`` queued; with no key, after what the service queued)."""
         if whole_stream or not stream.uses_connection_ids:
             frame = control_frame(MessageType.STREAM_RESET, stream.stream_id, stream.wire_service_id)
             if self.mode is Mode.DESTINATION:
                 self._remember_reset(stream.service_id, stream.stream_id)
+            key = 0
         else:
             frame = control_frame(
                 MessageType.CONNECTION_RESET, stream.stream_id, stream.wire_service_id, connection_id
             )
-        out.append(Send([frame]))
+        out.append(Send(frame, key, stream.service_id))
 
     def _remember_reset(self, service_id: str, stream_id: int) -> bool:
         """Record that ``stream_id`` was reset; False if it already was (bounded memory)."""

@@ -33,12 +33,14 @@ from localproxy.tunnel_actions import (
     Release,
     RestartSession,
     Send,
+    SendData,
     StopListen,
     Write,
 )
 from localproxy.tunnel_services import resolve_services
 
 T = MessageType
+SENDS = (Send, SendData)
 SSH = DestinationTarget(host="127.0.0.1", port=22)
 WEB = DestinationTarget(host="127.0.0.1", port=80)
 
@@ -47,8 +49,8 @@ WEB = DestinationTarget(host="127.0.0.1", port=80)
 
 
 def sent(actions: Iterable[Any]) -> list[Message]:
-    """Decode every Send action's frames, in order."""
-    data = b"".join(bytes(part) for action in actions if isinstance(action, Send) for part in action.parts)
+    """Decode every Send/SendData action's frames, in order."""
+    data = b"".join(bytes(part) for action in actions if isinstance(action, SENDS) for part in action.parts)
     return FrameDecoder().feed(data)
 
 
@@ -386,7 +388,7 @@ def test_source_v2_second_connection_is_held_then_released() -> None:
         msg(T.STREAM_START, 2, "SSH"),
         Message(type=T.DATA, stream_id=2, service_id="SSH", payload=b"early"),
     ]
-    assert out.index(Release(second)) > max(out.index(a) for a in of(out, Send))
+    assert out.index(Release(second)) > max(out.index(a) for a in out if isinstance(a, SENDS))
     assert tunnel.connection_ids(second) == ("SSH", 2, 1)
 
 
@@ -989,7 +991,7 @@ class Pair:
                 return
             side, actions = pending.pop(0)
             other = "dst" if side == "src" else "src"
-            frames = b"".join(bytes(p) for a in actions if isinstance(a, Send) for p in a.parts)
+            frames = b"".join(bytes(p) for a in actions if isinstance(a, SENDS) for p in a.parts)
             for action in actions:
                 if isinstance(action, Write):
                     assert action.key in self.open[side], (side, action)
