@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,10 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Our proxy, as the rig runs it by default. Placeholders: {python}, {endpoint}
-# (ws(s)://host:port), {host_port}, {service}, {app_host}, {app_port}, {port},
-# {capath_args} ("-c DIR" with --tls, else empty), {settings} (a settings JSON file).
-OURS_DESTINATION = "{python} -m localproxy -e {endpoint} {capath_args} --settings-json {settings} -d {service}={app_host}:{app_port}"
-OURS_SOURCE = "{python} -m localproxy -e {endpoint} {capath_args} --settings-json {settings} -b 127.0.0.1 -s {service}={port}"
+# (ws(s)://host:port), {host_port}, {service}, {app_host}, {app_port}, {port} (the
+# first service's), {source_map} ("SVC=port,..."), {destination_map}
+# ("SVC=host:port,..."), {capath_args} ("-c DIR" with --tls, else empty), {settings}
+# (a settings JSON file).
+OURS_DESTINATION = "{python} -m localproxy -e {endpoint} {capath_args} --settings-json {settings} -d {destination_map}"
+OURS_SOURCE = "{python} -m localproxy -e {endpoint} {capath_args} --settings-json {settings} -b 127.0.0.1 -s {source_map}"
+# The C++ reference (plain-ws build), for the same rig: ../shared/reference/README.md.
+REFERENCE_BINARY = ROOT.parent / "shared" / "reference" / "localproxy-nossl"
+REFERENCE_DESTINATION = f"{REFERENCE_BINARY} -e {{host_port}} --settings-json {{settings}} -d {{destination_map}}"
+REFERENCE_SOURCE = f"{REFERENCE_BINARY} -e {{host_port}} --settings-json {{settings}} -b 127.0.0.1 -s {{source_map}}"
 
 
 class RigError(RuntimeError):
@@ -163,11 +169,13 @@ class EmulatorInfo:
     capath: str | None
 
 
-def start_emulator(log_dir: Path, tls: bool) -> tuple[Child, EmulatorInfo]:
+def start_emulator(log_dir: Path, tls: bool, bandwidth: float | None = None) -> tuple[Child, EmulatorInfo]:
     argv = [sys.executable, "-m", "localproxy.emulator", "--port", "0", "-v", "3"]
     if tls:
         argv += ["--tls", "--ca-out", str(log_dir / "ca")]
-    child = Child("emulator", argv, log_dir, json_stdout=True)
+    if bandwidth:
+        argv += ["--bandwidth", str(bandwidth)]
+    child = Child("emulator" if not bandwidth else "emulator-capped", argv, log_dir, json_stdout=True)
     line = child.read_json_line(30)
     return child, EmulatorInfo(line["api"], line["data"], line.get("ca"), line.get("capath"))
 
@@ -197,8 +205,8 @@ class ControlPlane:
             verify=info.ca if info.ca else True,
         )
 
-    def open_tunnel(self, service: str) -> dict[str, str]:
-        result: dict[str, str] = self.client.open_tunnel(destinationConfig={"services": [service]})
+    def open_tunnel(self, *services: str) -> dict[str, str]:
+        result: dict[str, str] = self.client.open_tunnel(destinationConfig={"services": list(services)})
         return result
 
     def connected(self, tunnel_id: str) -> bool:
@@ -213,8 +221,9 @@ class ControlPlane:
 class ProxyPair:
     source: Child
     destination: Child
-    port: int  # the source proxy's listening port
+    port: int  # the source proxy's listening port (of the first service)
     tunnel_id: str
+    ports: dict[str, int] = field(default_factory=dict)  # service -> the source proxy's port
 
     @property
     def children(self) -> list[Child]:
@@ -235,10 +244,16 @@ def start_pair(
     source_template: str = OURS_SOURCE,
     destination_template: str = OURS_DESTINATION,
     timeout: float = 30,
+    more_services: dict[str, int] | None = None,
 ) -> ProxyPair:
-    """Open a tunnel, start both proxies from their templates, wait until they serve."""
-    tunnel = control.open_tunnel(service)
-    port = free_port()
+    """Open a tunnel, start both proxies from their templates, wait until they serve.
+
+    ``service`` -> ``app_port``, plus ``more_services`` (service -> app port) on the same tunnel.
+    """
+    apps = {service: app_port, **(more_services or {})}
+    tunnel = control.open_tunnel(*apps)
+    ports = {name: free_port() for name in apps}
+    port = ports[service]
     values = {
         "python": sys.executable,
         "endpoint": info.data,
@@ -247,6 +262,8 @@ def start_pair(
         "app_host": "127.0.0.1",
         "app_port": str(app_port),
         "port": str(port),
+        "source_map": ",".join(f"{name}={ports[name]}" for name in apps),
+        "destination_map": ",".join(f"{name}=127.0.0.1:{apps[name]}" for name in apps),
         "capath_args": f"-c {shlex.quote(info.capath)}" if info.capath else "",
         "settings": str(settings_path),
     }
@@ -260,13 +277,13 @@ def start_pair(
 
     destination = launch("destination", destination_template, tunnel["destinationAccessToken"])
     source = launch("source", source_template, tunnel["sourceAccessToken"])
-    pair = ProxyPair(source, destination, port, tunnel["tunnelId"])
+    pair = ProxyPair(source, destination, port, tunnel["tunnelId"], ports)
 
     def ready() -> bool:
         for child in pair.children:
             if not child.alive():
                 raise RigError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
-        return port in listening_ports() and control.connected(tunnel["tunnelId"])
+        return set(ports.values()) <= listening_ports() and control.connected(tunnel["tunnelId"])
 
     try:
         wait_until(ready, timeout, f"{tag} proxies to connect and listen", interval=0.05)

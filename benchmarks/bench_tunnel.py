@@ -299,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
                         "directory (collapsed stacks; slows them down: CPU figures are then not comparable)")
     parser.add_argument("--source-template", default=OURS_SOURCE, help="source proxy command (see _rig.py)")
     parser.add_argument("--destination-template", default=OURS_DESTINATION, help="destination proxy command")
+    parser.add_argument("--scenario", choices=("standard", "interactive"), default="standard",
+                        help="standard: the scenarios above; interactive: echo latency under bulk, capped and "
+                        "uncapped, and fairness (see _interactive.py)")
+    parser.add_argument("--cap", type=float, default=800_000, help="interactive: the capped link, bytes/s per "
+                        "direction (default 800000, the service's figure)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="interactive: seconds of bulk before probing")
+    parser.add_argument("--window", type=float, default=5.0, help="interactive: seconds of probing")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="interactive: measure the C++ reference binary too, in the same run")
+    parser.add_argument("--with-base", metavar="DIR", help="interactive: measure another checkout of this "
+                        "project too (e.g. a worktree of main before a change), in the same run")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--logs", type=Path, help="keep the children's logs in this directory")
     parser.add_argument("--deadline", type=float, default=900, help="seconds the whole run may take")
@@ -313,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as temp:
         log_dir = args.logs or Path(temp)
         log_dir.mkdir(parents=True, exist_ok=True)
+        if args.scenario == "interactive":
+            from _interactive import print_interactive, run_interactive
+
+            interactive = run_interactive(args, log_dir)
+            print_interactive(interactive)
+            if args.json:
+                args.json.write_text(json.dumps(interactive, indent=2) + "\n")
+            return 0
         if args.py_spy:
             args.py_spy.mkdir(parents=True, exist_ok=True)
         bench = Bench(args, log_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import sys
 from typing import Any, Callable
 
@@ -56,6 +57,23 @@ logger = logging.getLogger("localproxy.proxy")
 # Linux has it in the socket module; macOS's value is 0x201; elsewhere the kernel's
 # send buffer is not bounded by us (the scheduler still orders what is above it).
 _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.platform == "darwin" else None)
+
+
+# Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
+_SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
+UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent bytes per message
+
+
+def kernel_unsent(sock: Any) -> int:
+    """The kernel's unsent bytes on ``sock`` (0 where that cannot be known)."""
+    if _SIOCOUTQNSD is None or sock is None:
+        return 0
+    try:
+        import fcntl
+
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
 
 
 def tune_send_buffers(ws: Any, budget: int) -> None:
@@ -112,6 +130,8 @@ class Sender:
                 if resumed:
                     self._on_resumed(resumed)
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
+                if pacer.rate is not None and pacer.budget < pacer.maximum:
+                    await self._wait_kernel(pacer.budget, pacer.rate)
                 pacer.sending(clock())
                 await ws.send(data)
                 if pacer.sent(len(data), clock()):
@@ -121,6 +141,20 @@ class Sender:
         except Exception:  # noqa: BLE001 - a bug: end the session rather than hang
             logger.exception("Websocket sender failed")
             await ws.close(1011, "internal error")
+
+    async def _wait_kernel(self, budget: int, rate: float) -> None:
+        """On a slow link, keep the kernel's unsent bytes near ``budget``.
+
+        ``TCP_NOTSENT_LOWAT`` only gates new socket buffers: a write that fits in
+        the last one (up to 64 KiB) still goes in, so without this the kernel
+        would hold up to 64 KiB more than the budget (80 ms at 800 kB/s).
+        """
+        sock = self._ws.transport.get_extra_info("socket")
+        for _ in range(UNSENT_POLLS):
+            unsent = kernel_unsent(sock)
+            if unsent <= budget:
+                return
+            await asyncio.sleep(min(0.05, (unsent - budget) / rate))
 
     def stop(self) -> None:
         self._task.cancel()

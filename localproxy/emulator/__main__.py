@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..runtime import run_program, stop_on_signals
 from .core import Emulator
+from .faults import SERVICE_BANDWIDTH
 
 logger = logging.getLogger("localproxy.emulator")
 
@@ -49,8 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
         "or on the external broker at URL (mqtt://host:port)",
     )
     parser.add_argument("--mqtt-port", type=int, default=0, help="port of the embedded MQTT broker (default: a free one)")
+    parser.add_argument(
+        "--bandwidth", type=_bandwidth, metavar="BYTES_PER_SECOND",
+        help="cap each direction of every tunnel at this rate (off by default); the real service "
+        f"allows about {SERVICE_BANDWIDTH} (800 kB/s) per tunnel",
+    )
     parser.add_argument("--demo", action="store_true", help="run the end-to-end demo and exit")
     return parser
+
+
+def _bandwidth(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes per second, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of bytes per second, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +108,7 @@ async def serve(args: argparse.Namespace) -> int:
         ca_out=args.ca_out,
         mqtt=args.mqtt,
         mqtt_port=args.mqtt_port,
+        bandwidth=args.bandwidth,
     )
     stop = asyncio.Event()
     with stop_on_signals(stop):

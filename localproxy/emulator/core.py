@@ -67,6 +67,7 @@ class Emulator:
         expiry_check_interval: float = 1.0,
         mqtt: bool | str = False,
         mqtt_port: int = 0,
+        bandwidth: float | None = None,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("give both cert and key, or neither")
@@ -78,6 +79,7 @@ class Emulator:
         self._expiry_check_interval = expiry_check_interval
         self.events = EventLog()
         self.faults = Faults()
+        self.faults.set_bandwidth(bandwidth)
         self.store = Store(
             region,
             on_revoked=self._on_revoked,
@@ -277,8 +279,10 @@ class Emulator:
         await self.relay.send_raw(tunnel_id, as_side(side), data)
 
     def set_bandwidth(self, bytes_per_second: float | None) -> None:
-        """Cap each direction of every tunnel at this rate (None: no cap)."""
+        """Cap each direction of every tunnel at this rate (None: no cap); the real
+        service's figure is about 800 kB/s per tunnel (``SERVICE_BANDWIDTH``)."""
         self.faults.set_bandwidth(bytes_per_second)
+        self.relay.bandwidth_changed()
 
     # --- store callbacks ------------------------------------------------------
 

@@ -9,6 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 
+# "Simultaneous TCP connections have a bandwidth limit of 800 Kilobytes per second"
+# (AWS IoT developer guide, multiplexing): what --bandwidth reproduces.
+SERVICE_BANDWIDTH = 800_000
+# Kernel receive buffer of a capped peer's socket, in seconds of the cap: bytes the
+# kernel holds before the relay's pacing would otherwise be a deep hidden queue.
+CAPPED_RCVBUF_SECONDS = 0.01
+CAPPED_RCVBUF_MIN = 8 * 1024
+
+
+def capped_rcvbuf(bytes_per_second: float) -> int:
+    return max(CAPPED_RCVBUF_MIN, int(bytes_per_second * CAPPED_RCVBUF_SECONDS))
+
 
 class Faults:
     def __init__(self) -> None:

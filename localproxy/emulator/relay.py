@@ -5,6 +5,11 @@
   not read until ``send`` to the other side returns, and ``send`` waits while that
   side's write buffer is above its high-water mark; websockets stops reading the
   sender's socket when its own small receive queue is full.
+- Queue per direction, at most: websockets' receive queue (``max_queue`` = 4
+  messages) + one socket read + the message being paced or sent + the target's
+  write buffer (256 KiB). With a bandwidth cap, in front of the pacing: two
+  messages read ahead and a kernel receive buffer of 10 ms of the cap (at least
+  8 KiB): what waits for the cap waits in the sending proxy, which can reorder it.
 - Absent peer: like the real service, data for a side that is not connected is
   dropped (counted in a ``dropped`` event), never buffered.
 - A new valid peer in the same side replaces the old one (closed with 1000,
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Coroutine
@@ -28,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from localproxy.codec import Message, MessageType, encode_frame
 
 from .events import EventLog
-from .faults import Faults, TokenBucket
+from .faults import Faults, TokenBucket, capped_rcvbuf
 from .gate import FrameGate
 from .handshake import Admission
 from .store import Side, Store
@@ -121,6 +127,7 @@ class Relay:
                 streams = self._unregister(old, "replaced by a new connection", replaced=True)
             self._peers[key] = peer
             peer.current = True
+            self._bound_capped_queue(peer)
             self.store.set_connected(peer.tunnel_id, peer.side, True)
             logger.info(
                 "tunnel %s: %s connected (%s, channel %s)", peer.tunnel_id, peer.side, admission.subprotocol, channel_id
@@ -239,6 +246,26 @@ class Relay:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def bandwidth_changed(self) -> None:
+        for peer in self._peers.values():
+            self._bound_capped_queue(peer)
+
+    def _bound_capped_queue(self, peer: Peer) -> None:
+        """With a cap, keep what waits in front of the pacing small: a small kernel
+        receive buffer and at most two messages read ahead (not four)."""
+        rate = self.faults.bytes_per_second
+        if rate is None:
+            return  # the kernel's autotuning stays on (it cannot be turned back on once off)
+        assembler = getattr(peer.ws, "recv_messages", None)
+        if assembler is not None and getattr(assembler, "high", None) is not None:
+            assembler.high, assembler.low = 1, 0
+        sock = peer.ws.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, capped_rcvbuf(rate))
+            except OSError:  # pragma: no cover - closed meanwhile
+                pass
 
     async def wait_idle(self) -> None:
         """Let spawned closes finish (used at shutdown)."""
