@@ -77,8 +77,8 @@ def metric_families(gathered: Gathered) -> list[Any]:
             refusals.add_metric([tunnel, mode, kind], count)
         failures.add_metric([tunnel, mode], stats.connect_failures)
         # Every served service, even when idle: a series that appears late hides its first rate.
-        services = set(stats.active_connections) | set(stats.connections) | set(stats.bytes_sent)
-        for service in sorted(services | set(stats.bytes_received)):
+        services = set(stats.services) | set(stats.active_connections) | set(stats.connections)
+        for service in sorted(services | set(stats.bytes_sent) | set(stats.bytes_received)):
             active.add_metric([tunnel, service], stats.active_connections.get(service, 0))
             started.add_metric([tunnel, service], stats.connections.get(service, 0))
             received.add_metric([tunnel, service], stats.bytes_received.get(service, 0))

@@ -135,8 +135,9 @@ class LocalProxy:
     def stats(self) -> ProxyStats:
         """A snapshot of this proxy's counters (see :mod:`localproxy.stats`); call it in the loop."""
         engine = self._engine
+        services = tuple(engine.tunnel.services or self.config.services)
         return self._counters.snapshot(
-            self.name, self.config.mode.value, active=engine.tunnel.connections_by_service(),
+            self.name, self.config.mode.value, services=services, active=engine.tunnel.connections_by_service(),
             received=engine.bytes_received, sent=engine.bytes_sent, dropped=engine.tunnel.dropped, ws=self._ws,
         )
 

@@ -68,6 +68,7 @@ class ProxyStats:
     tunnel: str  # the label (see tunnel_label), never a token
     mode: str  # "source" or "destination"
     connected: bool  # a websocket session is up now
+    services: tuple[str, ...]  # served service ids (the tunnel's once known, else the configured ones)
     sessions: int  # websocket sessions established
     reconnects: int  # sessions established after the first
     handshake_refusals: Mapping[str, int]  # REFUSAL_CLASSES -> count
@@ -116,6 +117,7 @@ class ProxyCounters:
         tunnel: str,
         mode: str,
         *,
+        services: tuple[str, ...],
         active: Mapping[str, int],
         received: Mapping[str, int],
         sent: Mapping[str, int],
@@ -127,6 +129,7 @@ class ProxyCounters:
             tunnel=tunnel,
             mode=mode,
             connected=self.connected,
+            services=services,
             sessions=self.sessions,
             reconnects=max(self.sessions - 1, 0),
             handshake_refusals=_frozen(self.refusals),
