@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .errors import ConfigError
+from .logs import redact
 from .stats import AgentStats, ProxyStats
 
 __all__ = ["Gathered", "MetricsServer", "metric_families"]
@@ -41,56 +42,59 @@ def _prometheus() -> Any:
     return prometheus_client.core
 
 
+# key, type, name (counters get "_total"), help, labels
+_PROXY_FAMILIES = (
+    ("connected", "gauge", "localproxy_websocket_connected", "1 while the websocket session to the service is up",
+     ("tunnel", "mode")),
+    ("sessions", "counter", "localproxy_websocket_sessions", "Websocket sessions established", ("tunnel", "mode")),
+    ("reconnects", "counter", "localproxy_websocket_reconnects", "Websocket sessions established after the first",
+     ("tunnel", "mode")),
+    ("refusals", "counter", "localproxy_handshake_refusals", "Websocket upgrades the service refused, by class",
+     ("tunnel", "mode", "class")),
+    ("failures", "counter", "localproxy_connect_failures", "Connection attempts lost to network, TLS or proxy errors",
+     ("tunnel", "mode")),
+    ("active", "gauge", "localproxy_local_connections", "Local connections open now", ("tunnel", "service")),
+    ("started", "counter", "localproxy_local_connections_started", "Local connections started", ("tunnel", "service")),
+    ("rejected", "counter", "localproxy_local_connections_rejected", "Local connections refused, by reason",
+     ("tunnel", "reason")),
+    ("received", "counter", "localproxy_tunnel_received_bytes", "Bytes from the tunnel written to local applications",
+     ("tunnel", "service")),
+    ("sent", "counter", "localproxy_tunnel_sent_bytes", "Bytes read from local applications sent into the tunnel",
+     ("tunnel", "service")),
+    ("dropped", "counter", "localproxy_tunnel_frames_dropped", "Tunnel frames not acted on, by rule", ("tunnel", "rule")),
+    ("rtt", "gauge", "localproxy_websocket_ping_rtt_seconds", "Round trip time of the last websocket ping answered",
+     ("tunnel",)),
+)
+
+
 def metric_families(gathered: Gathered) -> list[Any]:
     """The metric families of one scrape (prometheus_client ``Metric`` objects)."""
     core = _prometheus()
-    gauge, counter = core.GaugeMetricFamily, core.CounterMetricFamily
+    kinds = {"gauge": core.GaugeMetricFamily, "counter": core.CounterMetricFamily}
+    family = {key: kinds[kind](name, text, labels=list(labels)) for key, kind, name, text, labels in _PROXY_FAMILIES}
     proxies, agent = gathered
-    connected = gauge("localproxy_websocket_connected", "1 while the websocket session to the service is up",
-                      labels=["tunnel", "mode"])
-    sessions = counter("localproxy_websocket_sessions", "Websocket sessions established", labels=["tunnel", "mode"])
-    reconnects = counter("localproxy_websocket_reconnects", "Websocket sessions established after the first",
-                         labels=["tunnel", "mode"])
-    refusals = counter("localproxy_handshake_refusals", "Websocket upgrades the service refused, by class",
-                       labels=["tunnel", "mode", "class"])
-    failures = counter("localproxy_connect_failures", "Connection attempts lost to network, TLS or proxy errors",
-                       labels=["tunnel", "mode"])
-    active = gauge("localproxy_local_connections", "Local connections open now", labels=["tunnel", "service"])
-    started = counter("localproxy_local_connections_started", "Local connections started",
-                      labels=["tunnel", "service"])
-    rejected = counter("localproxy_local_connections_rejected", "Local connections refused, by reason",
-                       labels=["tunnel", "reason"])
-    received = counter("localproxy_tunnel_received_bytes", "Bytes from the tunnel written to local applications",
-                       labels=["tunnel", "service"])
-    sent = counter("localproxy_tunnel_sent_bytes", "Bytes read from local applications sent into the tunnel",
-                   labels=["tunnel", "service"])
-    dropped = counter("localproxy_tunnel_frames_dropped", "Tunnel frames not acted on, by rule",
-                      labels=["tunnel", "rule"])
-    rtt = gauge("localproxy_websocket_ping_rtt_seconds", "Round trip time of the last websocket ping answered",
-                labels=["tunnel"])
     for stats in proxies:
-        tunnel, mode = stats.tunnel, stats.mode
-        connected.add_metric([tunnel, mode], 1 if stats.connected else 0)
-        sessions.add_metric([tunnel, mode], stats.sessions)
-        reconnects.add_metric([tunnel, mode], stats.reconnects)
+        tunnel, mode = redact(stats.tunnel), stats.mode  # an embedder's name could hold a secret
+        family["connected"].add_metric([tunnel, mode], 1 if stats.connected else 0)
+        family["sessions"].add_metric([tunnel, mode], stats.sessions)
+        family["reconnects"].add_metric([tunnel, mode], stats.reconnects)
         for kind, count in stats.handshake_refusals.items():
-            refusals.add_metric([tunnel, mode, kind], count)
-        failures.add_metric([tunnel, mode], stats.connect_failures)
+            family["refusals"].add_metric([tunnel, mode, kind], count)
+        family["failures"].add_metric([tunnel, mode], stats.connect_failures)
         # Every served service, even when idle: a series that appears late hides its first rate.
         services = set(stats.services) | set(stats.active_connections) | set(stats.connections)
         for service in sorted(services | set(stats.bytes_sent) | set(stats.bytes_received)):
-            active.add_metric([tunnel, service], stats.active_connections.get(service, 0))
-            started.add_metric([tunnel, service], stats.connections.get(service, 0))
-            received.add_metric([tunnel, service], stats.bytes_received.get(service, 0))
-            sent.add_metric([tunnel, service], stats.bytes_sent.get(service, 0))
+            family["active"].add_metric([tunnel, service], stats.active_connections.get(service, 0))
+            family["started"].add_metric([tunnel, service], stats.connections.get(service, 0))
+            family["received"].add_metric([tunnel, service], stats.bytes_received.get(service, 0))
+            family["sent"].add_metric([tunnel, service], stats.bytes_sent.get(service, 0))
         for reason, count in sorted(stats.connections_rejected.items()):
-            rejected.add_metric([tunnel, reason], count)
+            family["rejected"].add_metric([tunnel, reason], count)
         for rule, count in sorted(stats.frames_dropped.items()):
-            dropped.add_metric([tunnel, rule], count)
+            family["dropped"].add_metric([tunnel, rule], count)
         if stats.ping_rtt is not None:
-            rtt.add_metric([tunnel], stats.ping_rtt)
-    families = [connected, sessions, reconnects, refusals, failures, active, started, rejected,
-                received, sent, dropped, rtt]
+            family["rtt"].add_metric([tunnel], stats.ping_rtt)
+    families = list(family.values())
     if agent is not None:
         families += _agent_families(core, agent)
     return families

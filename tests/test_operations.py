@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from localproxy.agent.cli import main as agent_main
 from localproxy.cli import main as proxy_main
 from localproxy.codec import MessageType, encode_frame
 from localproxy.command import parse_command_line
@@ -211,6 +212,17 @@ def test_cli_busy_metrics_port_exits_2(capsys: pytest.CaptureFixture[str]) -> No
     assert code == ExitCode.CONFIG == 2
     assert f"Cannot serve metrics on 127.0.0.1 port {port} (--metrics-port)" in out
     assert "Traceback" not in out and "tok-" + "s" * 20 not in out
+
+
+def test_agent_busy_metrics_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = agent_main(["--thing-name", "t", "--mqtt-endpoint", "mqtt://127.0.0.1:9", "--service", "SSH=22",
+                           "--metrics-port", str(port)])
+    assert code == ExitCode.CONFIG
+    assert f"Cannot serve metrics on 127.0.0.1 port {port} (--metrics-port)" in capsys.readouterr().out
 
 
 def test_cli_without_prometheus_client_says_what_to_install(

@@ -138,3 +138,13 @@ async def test_agent_counts_notifications_by_outcome_and_reason(emulator: Any) -
 def test_agent_status_wording() -> None:
     stats = AgentStats(mqtt_connected=True, tunnels=2, proxies_started=3, notifications={}, proxies=())
     assert agent_status(stats) == "2 tunnels, 0 destinations connected, MQTT connected"
+
+
+def test_metric_labels_are_redacted() -> None:
+    from localproxy.logs import REDACTED, register_secret
+
+    register_secret("embedder-secret-token")
+    stats = ProxyCounters().snapshot("name-embedder-secret-token", "source", services=("SSH",), active={},
+                                     received={}, sent={}, dropped={})
+    labels = {s.labels["tunnel"] for family in metric_families(([stats], None)) for s in family.samples}
+    assert labels == {f"name-{REDACTED}"}
