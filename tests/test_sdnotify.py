@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import urllib.request
@@ -31,8 +32,10 @@ class NotifySocket:
         self.sock.setblocking(False)
         self.messages: list[dict[str, str]] = []
 
-    async def wait(self, key: str, value: str | None = None, timeout: float = TIMEOUT) -> dict[str, str]:
-        """The first message (received before or now) with ``key`` (= ``value``)."""
+    async def wait(
+        self, key: str, value: str | None = None, timeout: float = TIMEOUT, since: int = 0
+    ) -> dict[str, str]:
+        """The first message from index ``since`` on (received before or now) with ``key`` (= ``value``)."""
         loop = asyncio.get_running_loop()
 
         def match(message: dict[str, str]) -> bool:
@@ -40,7 +43,7 @@ class NotifySocket:
 
         async with asyncio.timeout(timeout):
             while True:
-                for message in self.messages:
+                for message in self.messages[since:]:
                     if match(message):
                         return message
                 data = await loop.sock_recv(self.sock, 4096)
@@ -96,13 +99,16 @@ async def scrape(port: int) -> dict[str, float]:
 
 
 async def test_destination_proxy_ready_status_watchdog_stopping_and_metrics(
-    emulator: Any, notify_socket: NotifySocket
+    emulator: Any, notify_socket: NotifySocket, tmp_path: Path
 ) -> None:
     tunnel = emulator.open_tunnel(services=["SSH"])
+    settings = tmp_path / "settings.json"  # reconnect at once after the drop below
+    settings.write_text(json.dumps({"tunneling": {"proxy": {"websocket": {"retry_delay_ms": "50"}}}}))
     app, port = await echo_app()
     env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "100000"}  # a ping every 50 ms
     child = await ProxyProcess.start(
         "-e", emulator.data_url, "-d", f"SSH=127.0.0.1:{port}", "--metrics-port", "0",
+        "--settings-json", str(settings),
         token=tunnel.destination_token, extra_env=env,
     )
     try:
@@ -115,9 +121,10 @@ async def test_destination_proxy_ready_status_watchdog_stopping_and_metrics(
         for _ in range(3):  # the watchdog keeps pinging from the event loop
             await notify_socket.wait("WATCHDOG", "1")
             notify_socket.messages = [m for m in notify_socket.messages if "WATCHDOG" not in m]
+        mark = len(notify_socket.messages)
         await emulator.drop(tunnel.tunnel_id, "destination")
-        await notify_socket.wait("STATUS", "destination disconnected, reconnecting")
-        await notify_socket.wait("STATUS", "destination connected (SSH)")  # again, after the drop
+        await notify_socket.wait("STATUS", "destination disconnected, reconnecting", since=mark)
+        await notify_socket.wait("STATUS", "destination connected (SSH)", since=mark)  # again, after the drop
         assert await child.stop() == 0
         await notify_socket.wait("STOPPING", "1")
         assert notify_socket.count("READY") == 1
