@@ -55,17 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
         return ExitCode.OK
 
-    setup_logging(parsed.verbosity)
+    setup_logging(parsed.verbosity, log_format=parsed.log_format)
     for level, message in parsed.log_messages:
         log.log(level, "%s", message)
     assert parsed.config is not None
     try:
+        from .operations import OpsOptions
         from .proxy import run_proxy
     except ImportError as exc:
         log.critical("The proxy engine (localproxy.proxy) cannot be loaded: %s", exc)
         return ExitCode.INTERNAL
     try:
-        return int(run_program(run_proxy(parsed.config)))
+        operations = OpsOptions(parsed.metrics_port, parsed.metrics_bind)
+        return int(run_program(run_proxy(parsed.config, operations)))
     except KeyboardInterrupt:
         return ExitCode.OK
     except LocalProxyError as exc:

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from .config import V1_SERVICE, Mode, ProxyConfig, ServiceEndpoint, ServiceTarget
 from .errors import UsageError
-from .logs import register_secret
+from .logs import LOG_FORMATS, register_secret
 from .mappings import Notes, parse_mapping, read_config_dir, validate_host, validate_path
 from .options import RawOptions, parse_argv, read_config_file
 from .settings import Settings, load_settings_json
@@ -58,6 +58,10 @@ class ParsedCommand:
     export_settings_path: str | None = None
     # (logging level, message) to log once logging is set up; never hold secrets.
     log_messages: tuple[tuple[int, str], ...] = ()
+    # Operations (beyond the reference): see localproxy.operations.
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
+    log_format: str = "reference"
 
 
 class _Layers:
@@ -155,7 +159,29 @@ def parse_command_line(
         max_rotations=_max_rotations(layers),
         optional_services=optional,
     )
-    return ParsedCommand(config=config, verbosity=verbosity, log_messages=tuple(notes))
+    metrics_port, metrics_bind, log_format = operations_options(
+        layers.text("metrics-port"), layers.text("metrics-bind"), layers.text("log-format")
+    )
+    return ParsedCommand(
+        config=config, verbosity=verbosity, log_messages=tuple(notes),
+        metrics_port=metrics_port, metrics_bind=metrics_bind, log_format=log_format,
+    )
+
+
+def operations_options(port: str | None, bind: str | None, log_format: str | None) -> tuple[int | None, str, str]:
+    """Check ``--metrics-port``, ``--metrics-bind``, ``--log-format`` (shared with the agent)."""
+    metrics_port = None
+    if port is not None:
+        if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+            raise UsageError(f"the argument ('{port}') for option '--metrics-port' is invalid")
+        metrics_port = int(port)
+    if bind is not None:
+        validate_host(bind, "Metrics bind address")
+        if metrics_port is None:
+            raise UsageError("--metrics-bind needs --metrics-port")
+    if log_format is not None and log_format not in LOG_FORMATS:
+        raise UsageError(f"the argument ('{log_format}') for option '--log-format' is invalid: use reference or json")
+    return metrics_port, bind or "127.0.0.1", log_format or "reference"
 
 
 def _verbosity(value: str | bool, option: str) -> int:

@@ -6,6 +6,11 @@ Format (as the C++ ``localproxy`` prints it)::
 
 ``-v`` levels: 0 off, 1 fatal, 2 error, 3 warning, 4 info, 5 debug, 6+ trace.
 
+``--log-format json`` (:class:`JsonFormatter`) prints one JSON object per line
+instead: ``ts`` (UTC), ``level``, ``pid``, ``logger``, ``message`` and the
+structured fields a record carries (``tunnel``, ``service``, ``connection``...:
+``extra=`` of the logging call, or the tunnel of the proxy task that logs).
+
 Secrets (access tokens, client tokens, proxy passwords) are registered once with
 :func:`register_secret`; :class:`RedactingFilter` replaces them by ``<redacted>``
 in every record passing through a handler it is attached to. ``setup_logging``
@@ -14,7 +19,9 @@ installs it; library users can attach it to their own handlers.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
+import json
 import logging
 import os
 import re
@@ -47,6 +54,12 @@ _VERBOSITY_LEVELS = {
     6: TRACE,
 }
 _OFF = logging.CRITICAL + 10
+
+# The tunnel a log record is about: set by each LocalProxy in its own task.
+log_tunnel: contextvars.ContextVar[str | None] = contextvars.ContextVar("localproxy_log_tunnel", default=None)
+# Record attributes (logging's extra=) that JSON lines carry as fields.
+STRUCTURED_FIELDS = ("tunnel", "service", "stream", "connection", "generation", "peer")
+LOG_FORMATS = ("reference", "json")
 
 _secrets: set[str] = set()
 _secrets_pattern: re.Pattern[str] | None = None
@@ -133,6 +146,35 @@ class ReferenceFormatter(logging.Formatter):
         return redact(line)
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, pid, logger, message, structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line: dict[str, object] = {
+            "ts": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "level": _level_name(record.levelno),
+            "pid": os.getpid(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        attributes = record.__dict__
+        for name in STRUCTURED_FIELDS:
+            value = attributes.get(name)
+            if value is None and name == "tunnel":
+                value = log_tunnel.get()
+            if value is not None:
+                line[name] = value if isinstance(value, (int, float, bool)) else redact(str(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = redact(record.exc_text)
+        if record.stack_info:
+            line["stack"] = redact(self.formatStack(record.stack_info))
+        # Secrets were masked field by field, before JSON escaping could disguise them.
+        return json.dumps(line, ensure_ascii=False)
+
+
 def _level_name(levelno: int) -> str:
     if levelno in _LEVEL_NAMES:
         return _LEVEL_NAMES[levelno]
@@ -149,15 +191,17 @@ _installed: list[tuple[logging.Logger, logging.Handler, int, bool]] = []
 _THIRD_PARTY_LOGGERS = ("websockets", "asyncio")
 
 
-def setup_logging(verbosity: int, stream: TextIO | None = None) -> logging.Handler:
+def setup_logging(verbosity: int, stream: TextIO | None = None, *, log_format: str = "reference") -> logging.Handler:
     """Send ``localproxy.*`` logs to ``stream`` (stdout, as the reference) at the ``-v`` level.
+
+    ``log_format`` is ``"reference"`` (the C++ proxy's lines) or ``"json"``.
 
     Calling it again replaces the previous setup (handy in tests). Returns the
     handler, which carries the :class:`RedactingFilter`.
     """
     reset_logging()
     handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
-    handler.setFormatter(ReferenceFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else ReferenceFormatter())
     handler.addFilter(RedactingFilter())
     level = level_for_verbosity(verbosity)
     handler.setLevel(level)

@@ -142,6 +142,16 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "Most access-token rotations before giving up",
         default_text="3",
     ),
+    # Beyond the reference: operations (issue 14).
+    OptionSpec(
+        "metrics-port",
+        None,
+        True,
+        "Serve Prometheus metrics on http://BIND:PORT/metrics (needs localproxy[metrics]; 0 picks a port)",
+    ),
+    OptionSpec("metrics-bind", None, True, "Address the metrics server listens on", default_text="127.0.0.1"),
+    OptionSpec("log-format", None, True, "Log lines: reference or json (one JSON object per line)",
+               default_text="reference"),
 )
 
 BY_NAME: Mapping[str, OptionSpec] = {spec.name: spec for spec in OPTIONS}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from websockets.exceptions import ConnectionClosed
 
@@ -38,11 +38,16 @@ from .errors import (
     ServiceUnavailableError,
 )
 from .events import Connected, Disconnected, ErrorEvent, Event
+from .logs import log_tunnel
 from .proxy_engine import Engine
 from .runtime import stop_on_signals
 from .session import DEFAULT_MAX_DELAY_MS, Backoff, SessionInfo, open_session
+from .stats import ProxyCounters, ProxyStats, tunnel_label
 from .tokens import TokenSource
 from .tunnel import TunnelState
+
+if TYPE_CHECKING:
+    from .operations import OpsOptions
 
 __all__ = ["LocalProxy", "run_proxy"]
 
@@ -67,8 +72,11 @@ class LocalProxy:
         await proxy.wait_closed()   # raises the fatal LocalProxyError, if any
     """
 
-    def __init__(self, config: ProxyConfig, client_token: str | None = None) -> None:
+    def __init__(self, config: ProxyConfig, client_token: str | None = None, *, name: str | None = None) -> None:
         self.config = config
+        self.name = name or tunnel_label(config)  # names the tunnel in stats and logs; never a token
+        self._counters = ProxyCounters()
+        self._ws: Any = None  # the current session's websocket (for its ping RTT)
         self._client_token = client_token
         self._subscribers: list[Subscriber] = []
         self._engine = Engine(config, TunnelState.from_config(config), self._emit)
@@ -124,6 +132,15 @@ class LocalProxy:
         """The subprotocol of the current (or last) session."""
         return self._subprotocol
 
+    def stats(self) -> ProxyStats:
+        """A snapshot of this proxy's counters (see :mod:`localproxy.stats`); call it in the loop."""
+        engine = self._engine
+        services = tuple(engine.tunnel.services or self.config.services)
+        return self._counters.snapshot(
+            self.name, self.config.mode.value, services=services, active=engine.tunnel.connections_by_service(),
+            received=engine.bytes_received, sent=engine.bytes_sent, dropped=engine.tunnel.dropped, ws=self._ws,
+        )
+
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(event)`` for every event; returns an unsubscribe function."""
         self._subscribers.append(callback)
@@ -151,6 +168,7 @@ class LocalProxy:
 
     async def _run(self) -> None:
         config = self.config
+        log_tunnel.set(self.name)  # this task's log records carry the tunnel (JSON logs)
         logger.info("Starting proxy in %s mode", config.mode.value)
         try:
             tokens = TokenSource(config, self._client_token)
@@ -166,9 +184,11 @@ class LocalProxy:
                         config, access_token=tokens.access_token, client_token=tokens.client_token
                     )
                 except (ServiceUnavailableError, ConnectionFailedError) as error:
+                    self._counters.on_connect_error(error)
                     await self._retry_later(backoff, error)
                     continue
                 except HandshakeRejectedError as error:
+                    self._counters.on_connect_error(error)
                     if await tokens.on_rejected(error):
                         continue
                     raise
@@ -239,6 +259,7 @@ class LocalProxy:
         engine = self._engine
         tunnel = engine.tunnel
         engine.session_started(ws)
+        self._ws = ws
         reason = "closed"
         self._replaced = False
         try:
@@ -265,6 +286,7 @@ class LocalProxy:
             # Only a close frame the service sent says so (not one this proxy sent).
             self._replaced = closed.rcvd is not None and bool(_REPLACED_REASON.search(closed.rcvd.reason))
         finally:
+            self._ws = None
             engine.session_ended()
             try:
                 await asyncio.shield(ws.close())
@@ -275,6 +297,7 @@ class LocalProxy:
         return reason
 
     def _emit(self, event: Event) -> None:
+        self._counters.on_event(event)
         for callback in list(self._subscribers):
             try:
                 callback(event)
@@ -289,13 +312,19 @@ def _close_reason(closed: ConnectionClosed) -> str:
     return f"code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")
 
 
-async def run_proxy(config: ProxyConfig) -> int:
-    """Run a proxy until SIGINT/SIGTERM (exit 0) or a fatal error (its exit code)."""
+async def run_proxy(config: ProxyConfig, operations: OpsOptions | None = None) -> int:
+    """Run a proxy until SIGINT/SIGTERM (exit 0) or a fatal error (its exit code).
+
+    ``operations``: metrics exporter; systemd is notified whenever ``NOTIFY_SOCKET`` is set.
+    """
+    from .operations import OpsOptions, serve_proxy
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
         with stop_on_signals(stop):
-            async with LocalProxy(config) as proxy:
+            proxy = LocalProxy(config)
+            async with serve_proxy(operations or OpsOptions(), proxy), proxy:
                 closed = loop.create_task(proxy.wait_closed())
                 stopping = loop.create_task(stop.wait())
                 await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -22,6 +22,7 @@ import logging
 import socket
 import struct
 import sys
+from collections import defaultdict
 from typing import Any, Callable
 
 from websockets.exceptions import ConnectionClosed
@@ -178,6 +179,9 @@ class Engine:
         self._servers: dict[str, list[asyncio.Server]] = {}
         self._conns: dict[int, LocalConnection] = {}
         self._paused_writers: set[LocalConnection] = set()
+        # Per service id, for LocalProxy.stats(): one += where the bytes pass anyway.
+        self.bytes_sent: defaultdict[str, int] = defaultdict(int)  # local apps -> tunnel
+        self.bytes_received: defaultdict[str, int] = defaultdict(int)  # tunnel -> local apps
 
     @property
     def paused_writers(self) -> frozenset[LocalConnection]:
@@ -226,6 +230,7 @@ class Engine:
                 conn = conns.get(action.key)
                 if conn is not None:
                     conn.write(action.data)
+                    self.bytes_received[conn.service_id] += len(action.data)
             elif kind is Close:
                 conn = conns.pop(action.key, None)
                 if conn is not None:
@@ -329,6 +334,7 @@ class Engine:
         self.apply(actions)
 
     def local_data(self, conn: LocalConnection, data: bytes) -> None:
+        self.bytes_sent[conn.service_id] += len(data)
         actions = self.tunnel.local_data(conn.key, data)
         if actions:
             self.apply(actions)

@@ -89,6 +89,7 @@ class TunnelState(TunnelCore):
     def data_error(self, error: LocalProxyError) -> Output:
         """Undecodable bytes, a text frame, a protocol violation: restart or stop."""
         self._broken = True
+        self._drop("protocol_error")
         if self._reconnect_on_data_error:
             return [
                 Log(logging.ERROR, f"Tunnel data error, restarting the session: {error}"),
@@ -118,6 +119,7 @@ class TunnelState(TunnelCore):
                 elif kind == MessageType.SERVICE_IDS:
                     out += self._apply_service_ids(message.available_service_ids)
                 elif message.ignorable:
+                    self._drop("unknown_type")
                     out.append(
                         Log(logging.DEBUG, f"Ignoring message of unknown type {int(kind)} (ignorable)")
                     )
@@ -138,6 +140,7 @@ class TunnelState(TunnelCore):
         service = self._aliases.get(message.service_id)
         stream = self._streams.get(service) if service is not None else None
         if stream is None or stream.stream_id != message.stream_id:
+            self._drop("unknown_service" if service is None else "stale_stream")
             return None  # stale or unknown: dropped silently
         return stream
 
@@ -149,7 +152,9 @@ class TunnelState(TunnelCore):
             return
         conn = stream.connections.get((message.connection_id or 1) if stream.uses_connection_ids else 1)
         payload = message.payload
-        if conn is not None and (payload.nbytes if isinstance(payload, memoryview) else len(payload)):
+        if conn is None:
+            self._drop("unknown_connection")
+        elif (payload.nbytes if isinstance(payload, memoryview) else len(payload)):
             out.append(Write(conn.key, payload))
 
     def _on_reset(self, message: Message, out: Output) -> None:
@@ -161,6 +166,7 @@ class TunnelState(TunnelCore):
             return
         conn = stream.connections.pop(message.connection_id or 1, None)
         if conn is None:
+            self._drop("unknown_connection")
             return
         del self._connections[conn.key]
         out.append(Close(conn.key, True))
@@ -175,6 +181,7 @@ class TunnelState(TunnelCore):
             raise ProtocolError("Received STREAM_START with stream id 0")
         service = self._service_of(message.service_id)
         if service is None:
+            self._drop("unknown_service")
             out.append(
                 Log(logging.WARNING, f"Ignoring STREAM_START for unknown service '{message.service_id}'")
             )
@@ -202,6 +209,7 @@ class TunnelState(TunnelCore):
             self._answer_dead_stream(message, out)
             return
         if not stream.uses_connection_ids:
+            self._drop("connection_start_without_ids")
             return
         connection_id = message.connection_id or 1
         existing = stream.connections.pop(connection_id, None)

@@ -112,6 +112,8 @@ class TunnelCore:
         # and the ids it sent STREAM_RESET for (see TunnelState._answer_dead_stream).
         self._latest_start: dict[str, int] = {}
         self._reset_sent: dict[str, deque[int]] = {}
+        # Frames from the tunnel not acted on, by rule (read by LocalProxy.stats()).
+        self.dropped: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, config: ProxyConfig) -> Self:
@@ -145,6 +147,13 @@ class TunnelCore:
             return len(self._connections)
         return sum(1 for conn in self._connections.values() if conn.service_id == service_id)
 
+    def connections_by_service(self) -> dict[str, int]:
+        """Service id -> local connections open (live or held) now."""
+        counts: dict[str, int] = {}
+        for conn in self._connections.values():
+            counts[conn.service_id] = counts.get(conn.service_id, 0) + 1
+        return counts
+
     def connection_ids(self, key: int) -> tuple[str, int, int] | None:
         """``(service id, stream id, connection id)`` of a live connection; None if held/unknown."""
         conn = self._connections.get(key)
@@ -153,6 +162,9 @@ class TunnelCore:
         return conn.service_id, conn.stream.stream_id, conn.connection_id
 
     # --- helpers -----------------------------------------------------------------
+
+    def _drop(self, rule: str) -> None:
+        self.dropped[rule] = self.dropped.get(rule, 0) + 1
 
     def _new_connection(self, service_id: str) -> Connection:
         conn = Connection(self._next_key, service_id)

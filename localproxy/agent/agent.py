@@ -25,6 +25,7 @@ from ..events import Event as ProxyEngineEvent
 from ..logs import register_secret
 from ..proxy import LocalProxy
 from ..settings import Settings
+from ..stats import AgentStats
 from .events import (
     AgentEvent,
     NotificationIgnored,
@@ -37,6 +38,7 @@ from .events import (
 from .mqtt import MqttLink, MqttSettings
 from .notify import NOTIFY_TOPIC_TEMPLATE, InvalidNotification, notify_topic, parse_notification
 from .plan import Ignore, Reject, Start, Stop, StopReason, TunnelKey, TunnelPlanner, WhenFull, tunnel_label
+from .stats import AgentCounters
 
 __all__ = ["DEFAULT_MAX_TUNNELS", "DeviceAgent"]
 
@@ -90,6 +92,7 @@ class DeviceAgent:
         self._queue: asyncio.Queue[bytes] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._counters = AgentCounters()
 
     # --- public API -------------------------------------------------------------
 
@@ -127,6 +130,11 @@ class DeviceAgent:
     def tunnels(self) -> dict[TunnelKey, int]:
         """Served tunnels: key -> generation of the running proxy."""
         return self.planner.running
+
+    def stats(self) -> AgentStats:
+        """A snapshot of the agent's counters and of each running proxy's (:mod:`localproxy.stats`)."""
+        proxies = tuple(proxy.stats() for proxy in self._proxies.values())
+        return self._counters.snapshot(len(self.planner.running), proxies)
 
     def proxy(self, key: TunnelKey) -> LocalProxy | None:
         generation = self.planner.running.get(key)
@@ -166,7 +174,7 @@ class DeviceAgent:
             self._queue.put_nowait(payload)
         except asyncio.QueueFull:
             logger.warning("Dropped a tunnel notification: %d are already waiting", QUEUE_LIMIT)
-            self._emit(NotificationRejected("too many notifications waiting"))
+            self._emit(NotificationRejected("too many notifications waiting", kind="queue_full"))
 
     async def _dispatch(self) -> None:
         assert self._queue is not None
@@ -191,10 +199,10 @@ class DeviceAgent:
         for action in self.planner.on_valid_notification(notification):
             if isinstance(action, Reject):
                 logger.warning("Rejected the tunnel notification for %s: %s", label, action.reason)
-                self._emit(NotificationRejected(action.reason, action.services))
+                self._emit(NotificationRejected(action.reason, action.services, action.kind))
             elif isinstance(action, Ignore):
                 logger.info("Ignored the tunnel notification for %s: %s", label, action.reason)
-                self._emit(NotificationIgnored(action.reason, action.services))
+                self._emit(NotificationIgnored(action.reason, action.services, action.kind))
             elif isinstance(action, Stop):
                 await self._stop(action)
             elif isinstance(action, Start):
@@ -218,7 +226,7 @@ class DeviceAgent:
             verify_ssl=self.verify_ssl,
             https_proxy=self.https_proxy,
         )
-        proxy = LocalProxy(config)
+        proxy = LocalProxy(config, name=tunnel_label(action.key))
         key, generation = action.key, action.generation
         proxy.subscribe(lambda event: self._on_proxy_event(key, generation, event))
         self._proxies[generation] = proxy
@@ -274,6 +282,7 @@ class DeviceAgent:
         self._emit(ProxyEvent(key, generation, event))
 
     def _emit(self, event: AgentEvent) -> None:
+        self._counters.on_event(event)
         for callback in list(self._subscribers):
             try:
                 callback(event)

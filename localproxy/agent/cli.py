@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..command import INSECURE_WARNING, https_proxy_from_environment
+from ..command import INSECURE_WARNING, https_proxy_from_environment, operations_options
 from ..config import Mode, ServiceTarget
 from ..errors import ExitCode, LocalProxyError, UsageError
 from ..logs import setup_logging
+from ..operations import OpsOptions, serve_agent
 from ..runtime import run_program, stop_on_signals
 from ..mappings import Notes, parse_mapping, read_config_dir
 from ..settings import Settings, load_settings_json
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mqtt-retry-ms", type=int, default=1000,
         help="first delay before reconnecting to the broker, growing with jitter up to 60 s (default 1000)",
     )
+    parser.add_argument(
+        "--metrics-port", metavar="PORT",
+        help="serve Prometheus metrics on http://BIND:PORT/metrics (needs localproxy[metrics]; 0 picks a port)",
+    )
+    parser.add_argument("--metrics-bind", metavar="ADDRESS", help="address of the metrics server (default 127.0.0.1)")
+    parser.add_argument("--log-format", metavar="FORMAT", help="reference (default) or json: one JSON object per line")
     parser.add_argument("-v", "--verbose", type=int, default=4, metavar="0..255",
                         help="log level as localproxy: 0 off ... 4 info (default), 5 debug, 6 trace")
     parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
@@ -160,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         agent_args = agent_from_args(args)
+        metrics_port, metrics_bind, log_format = operations_options(args.metrics_port, args.metrics_bind, args.log_format)
     except UsageError as error:
         print(error, file=sys.stderr)
         print(TRY_HELP, file=sys.stderr)
@@ -168,14 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return error.exit_code
     agent, notes = agent_args
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, log_format=log_format)
     if args.verbose >= 6:
         paho_logger.setLevel(logging.DEBUG)
     for level, message in notes:
         log.log(level, "%s", message)
 
     try:
-        return int(run_program(run_agent(agent)))
+        return int(run_program(run_agent(agent, OpsOptions(metrics_port, metrics_bind))))
     except KeyboardInterrupt:
         return ExitCode.OK
     except LocalProxyError as error:
@@ -183,11 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
 
 
-async def run_agent(agent: DeviceAgent) -> int:
-    """Run ``agent`` until SIGINT/SIGTERM; returns the exit status."""
+async def run_agent(agent: DeviceAgent, operations: OpsOptions | None = None) -> int:
+    """Run ``agent`` until SIGINT/SIGTERM; returns the exit status.
+
+    ``operations``: metrics exporter; systemd is notified whenever ``NOTIFY_SOCKET`` is set.
+    """
     stop = asyncio.Event()
     with stop_on_signals(stop):
-        async with agent:
+        async with serve_agent(operations or OpsOptions(), agent), agent:
             await stop.wait()
             log.info("Stopping: closing the destination proxies and the MQTT connection")
     return ExitCode.OK

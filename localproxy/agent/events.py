@@ -54,10 +54,13 @@ class NotificationReceived:
 
 @dataclass(frozen=True)
 class NotificationRejected:
-    """A notification was not acted on because it is wrong or cannot be served."""
+    """A notification was not acted on because it is wrong or cannot be served.
+
+    ``kind``: invalid, unmapped_service, full, queue_full (a metrics label)."""
 
     reason: str
     services: tuple[str, ...] = ()
+    kind: str = "invalid"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class NotificationIgnored:
 
     reason: str
     services: tuple[str, ...] = ()
+    kind: str = "duplicate"
 
 
 @dataclass(frozen=True)

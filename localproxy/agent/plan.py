@@ -69,10 +69,11 @@ class StopReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Reject:
-    """Not acted on: ``reason`` says why (never holds a token)."""
+    """Not acted on: ``reason`` says why (never holds a token); ``kind`` classes it for metrics."""
 
     reason: str
     services: tuple[str, ...] = ()
+    kind: str = "invalid"  # invalid, unmapped_service, full
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Ignore:
 
     reason: str
     services: tuple[str, ...] = ()
+    kind: str = "duplicate"
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class TunnelPlanner:
         targets, missing = self._targets(services)
         if missing:
             known = ", ".join(sorted(s for s in self.services if s != V1_SERVICE)) or "one unnamed service"
-            return [Reject(f"no mapping for service(s) {', '.join(missing)} (this agent serves: {known})", services)]
+            return [Reject(f"no mapping for service(s) {', '.join(missing)} (this agent serves: {known})", services, "unmapped_service")]
 
         key = tunnel_key(notification)
         actions: list[Action] = []
@@ -174,7 +176,7 @@ class TunnelPlanner:
             replaces = current.generation
         elif len(self._running) >= self.max_tunnels:
             if self.when_full is WhenFull.REFUSE:
-                return [Reject(f"already serving {len(self._running)} tunnel(s), the maximum (--max-tunnels)", services)]
+                return [Reject(f"already serving {len(self._running)} tunnel(s), the maximum (--max-tunnels)", services, "full")]
             oldest_key, oldest = next(iter(self._running.items()))
             del self._running[oldest_key]
             actions.append(Stop(oldest_key, oldest.generation, StopReason.EVICTED))
