@@ -15,19 +15,5 @@ ROOT = Path(__file__).resolve().parent.parent
 class ProxyProcess(_PackagedProxyProcess):
     """Children run this checkout's code (PYTHONPATH, cwd), whatever is installed."""
 
-    @classmethod
-    async def start(
-        cls,
-        *args: str,
-        token: str | None = None,
-        extra_env: dict[str, str] | None = None,
-        module: str = "localproxy",
-        cwd: str | None = None,
-        pythonpath: str | None = None,
-    ) -> "ProxyProcess":
-        child = await super().start(
-            *args, token=token, extra_env=extra_env, module=module,
-            cwd=cwd or str(ROOT), pythonpath=pythonpath or str(ROOT),
-        )  # fmt: skip
-        assert isinstance(child, ProxyProcess)
-        return child
+    default_cwd = str(ROOT)
+    default_pythonpath = str(ROOT)

@@ -29,12 +29,12 @@ TIMEOUT = 15
 
 
 async def echo_roundtrip(pair: TunnelPair, service: str, data: bytes) -> bytes:
+    """``data`` sent to the source's port of ``service`` and echoed back by the app."""
     reader, writer = await pair.open_connection(service)
-    try:
-        writer.write(data)
-        return await asyncio.wait_for(reader.readexactly(len(data)), TIMEOUT)
-    finally:
-        writer.close()
+    writer.write(data)
+    echoed = await asyncio.wait_for(reader.readexactly(len(data)), TIMEOUT)
+    writer.close()
+    return echoed
 
 
 # --- the fixtures, used directly -------------------------------------------------------
@@ -112,6 +112,12 @@ def test_plugin_import_is_light() -> None:
 # --- generated test files, in a fresh pytest (pytester) -----------------------------------
 
 
+def run_generated(pytester: pytest.Pytester, mode: str, *args: str) -> pytest.RunResult:
+    """pytest in a fresh process on pytester's files, in pytest-asyncio's ``mode``."""
+    options = ["-o", f"asyncio_mode={mode}", "-o", "asyncio_default_fixture_loop_scope=function"]
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *options, *args, timeout=60)
+
+
 def readme_example() -> str:
     """The README's complete example test (the first python block of "Testing with pytest")."""
     text = (ROOT / "README.md").read_text()
@@ -126,10 +132,7 @@ def test_readme_example_passes(pytester: pytest.Pytester, mode: str) -> None:
     example = readme_example()
     assert len(example.splitlines()) == 15
     pytester.makepyfile(test_tunnel=example)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-o", f"asyncio_mode={mode}", "-o", "asyncio_default_fixture_loop_scope=function",
-        "-W", "error::pytest.PytestUnraisableExceptionWarning", timeout=60,
-    )  # fmt: skip
+    result = run_generated(pytester, mode, "-W", "error::pytest.PytestUnraisableExceptionWarning")
     result.assert_outcomes(passed=1)
 
 
@@ -142,10 +145,7 @@ async def test_unmarked(tunneling_service):
 def test_strict_mode_needs_the_mark(pytester: pytest.Pytester) -> None:
     """What the README says of strict mode: an unmarked async test is not run (not a silent pass)."""
     pytester.makepyfile(test_unmarked=STRICT_WITHOUT_MARK)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
-        timeout=60,
-    )  # fmt: skip
+    result = run_generated(pytester, "strict")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) == 0
 
@@ -175,10 +175,7 @@ async def test_fails_midway(tunnel_pair, tunneling_service):
 
 def test_failing_test_still_tears_everything_down(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_failing=FAILING_TEST)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function",
-        timeout=60,
-    )  # fmt: skip
+    result = run_generated(pytester, "auto")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the device under test misbehaved*"])
     record = json.loads((pytester.path / "started.json").read_text())

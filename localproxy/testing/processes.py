@@ -15,6 +15,10 @@ LISTENING = re.compile(r"Listening for new connection on port (\d+)")
 class ProxyProcess:
     """A ``python -m localproxy`` child whose output (stdout and stderr) is collected line by line."""
 
+    # Defaults of ``start``'s ``cwd`` and ``pythonpath`` (a subclass may set them).
+    default_cwd: str | None = None
+    default_pythonpath: str | None = None
+
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.lines: list[str] = []
@@ -39,6 +43,7 @@ class ProxyProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
         env.pop("HTTPS_PROXY", None)
         env.pop("https_proxy", None)
+        pythonpath = pythonpath or cls.default_pythonpath
         if pythonpath is not None:
             env.update(PYTHONPATH=pythonpath)
         if token is not None:
@@ -49,7 +54,7 @@ class ProxyProcess:
             "-m",
             module,
             *args,
-            cwd=cwd,
+            cwd=cwd or cls.default_cwd,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
