@@ -194,3 +194,43 @@ def socket_connect(host: str, port: int) -> None:
 
     with socket.create_connection((host, port), timeout=5):
         pass
+
+
+WITHOUT_BOTO3_CONFTEST = '''
+import sys
+
+sys.modules["boto3"] = None  # as if boto3 were not installed
+'''
+
+WITHOUT_BOTO3_TESTS = '''
+async def test_service_needs_no_boto3(tunneling_service):
+    assert tunneling_service.open_tunnel(services=["SSH"]).tunnel_id
+
+def test_client_needs_boto3(tunneling_client):
+    pass
+'''
+
+
+def test_missing_boto3_fails_only_the_client(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(WITHOUT_BOTO3_CONFTEST)
+    pytester.makepyfile(test_no_boto3=WITHOUT_BOTO3_TESTS)
+    result = run_generated(pytester, "auto")
+    result.assert_outcomes(passed=1, errors=1)
+    assert "the tunneling_client fixture needs boto3" in result.stdout.str()
+    assert "pip install 'localproxy[testing]'" in result.stdout.str()
+    assert "During handling" not in result.stdout.str()  # the hint alone, not a chained traceback
+
+
+def test_missing_pytest_asyncio_says_what_to_install(tmp_path: Path) -> None:
+    # A pytest_asyncio that cannot be imported, first on the path: as if it were not installed.
+    shadow = tmp_path / "shadow" / "pytest_asyncio"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named pytest_asyncio')\n")
+    (tmp_path / "test_no_asyncio.py").write_text("def test_service(tunneling_service):\n    pass\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:asyncio", "-p", "no:cacheprovider", "-q", "test_no_asyncio.py"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(shadow.parent)),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the tunneling_service fixture needs pytest-asyncio: pip install 'localproxy[testing]'" in result.stdout

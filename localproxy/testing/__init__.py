@@ -90,5 +90,7 @@ def tunneling_client(tunneling_service: Emulator) -> Any:
     try:
         from .aws import api_for
     except ImportError as error:
-        pytest.fail(f"the tunneling_client fixture needs boto3 ({error}): {INSTALL_HINT}", pytrace=False)
-    return api_for(tunneling_service)
+        problem = str(error)
+    else:
+        return api_for(tunneling_service)
+    pytest.fail(f"the tunneling_client fixture needs boto3 ({problem}): {INSTALL_HINT}", pytrace=False)
