@@ -122,9 +122,14 @@ def parse_command_line(
         settings, warnings = load_settings_json(settings_path)
         notes.extend((logging.WARNING, warning) for warning in warnings)
 
-    endpoint, region = _endpoint_and_region(layers, settings, notes)
+    # The reference's order: boost's "required" check, then -r/-e, then the
+    # token checks, then the -r/-e formats, then the mode (PROTOCOL.md 5).
+    if not isinstance(layers.get("access-token")[0], str):
+        raise UsageError("the option '--access-token' is required but missing")
+    region_source, region_or_endpoint = _choose_endpoint_or_region(layers, notes)
     access_token = _access_token(layers, notes)
     client_token = _client_token(layers)
+    endpoint, region = _endpoint_and_region(region_source, region_or_endpoint, settings, notes)
     https_proxy = https_proxy_from_environment(environ, notes)
     mode, services, optional = _mode_and_services(layers, cwd, notes)
 
@@ -202,9 +207,8 @@ def _environment_options(environ: Mapping[str, str]) -> RawOptions:
     return {option: environ[name] for name, option in names.items() if environ.get(name)}
 
 
-def _endpoint_and_region(
-    layers: _Layers, settings: Settings, notes: Notes
-) -> tuple[ServiceEndpoint, str | None]:
+def _choose_endpoint_or_region(layers: _Layers, notes: Notes) -> tuple[str, RawOptions]:
+    """The source that names -r or -e and its options (values checked later)."""
     # -r and -e are two ways to say one thing: the highest source naming either
     # decides, and only naming both in the same source is an error.
     for index, (source, options) in enumerate(layers.layers):
@@ -216,14 +220,22 @@ def _endpoint_and_region(
         for lower_source, lower in layers.layers[index + 1 :]:
             if "region" in lower or "proxy-endpoint" in lower:
                 notes.append((logging.DEBUG, f"Region/endpoint from the {lower_source} ignored: the {source} sets it"))
-        if isinstance(endpoint, str):
-            notes.append((logging.DEBUG, f"Proxy endpoint from the {source}"))
-            return _parse_endpoint(endpoint), None
-        assert isinstance(region, str)
-        _validate_region(region)
-        notes.append((logging.DEBUG, f"Region from the {source}"))
-        return ServiceEndpoint.for_region(region, settings.region_endpoint_overrides), region
+        return source, options
     raise UsageError("Must specify one and only one of --region/-r or --proxy-endpoint/-e options")
+
+
+def _endpoint_and_region(
+    source: str, options: RawOptions, settings: Settings, notes: Notes
+) -> tuple[ServiceEndpoint, str | None]:
+    endpoint = options.get("proxy-endpoint")
+    if isinstance(endpoint, str):
+        notes.append((logging.DEBUG, f"Proxy endpoint from the {source}"))
+        return _parse_endpoint(endpoint), None
+    region = options.get("region")
+    assert isinstance(region, str)
+    _validate_region(region)
+    notes.append((logging.DEBUG, f"Region from the {source}"))
+    return ServiceEndpoint.for_region(region, settings.region_endpoint_overrides), region
 
 
 def _parse_endpoint(text: str) -> ServiceEndpoint:
@@ -248,8 +260,7 @@ def _validate_region(region: str) -> None:
 
 def _access_token(layers: _Layers, notes: Notes) -> str:
     token, source = layers.get("access-token")
-    if not isinstance(token, str):
-        raise UsageError("the option '--access-token' is required but missing")
+    assert isinstance(token, str)  # presence is checked first, as boost does
     register_secret(token)
     if not token:
         raise UsageError("Access token cannot be empty")

@@ -1,25 +1,5 @@
-"""boto3 against the emulator, for tests: a client, and blocking calls run off the event loop."""
+"""Our suite's boto3 helpers: ``localproxy.testing.aws``."""
 
-from __future__ import annotations
+from localproxy.testing.aws import CALL_TIMEOUT, api_for, call
 
-import asyncio
-from typing import Any, Callable
-
-import boto3
-
-from localproxy.emulator import Emulator
-
-CALL_TIMEOUT = 10
-
-
-def api_for(emu: Emulator) -> Any:
-    """An unmodified boto3 ``iotsecuretunneling`` client pointed at the emulator."""
-    return boto3.client(
-        "iotsecuretunneling", endpoint_url=emu.api_url, region_name="us-east-1",
-        aws_access_key_id="x", aws_secret_access_key="x",
-    )  # fmt: skip
-
-
-async def call(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Run a blocking boto3 call in a thread, bounded in time."""
-    return await asyncio.wait_for(asyncio.to_thread(fn, **kwargs), CALL_TIMEOUT)
+__all__ = ["CALL_TIMEOUT", "api_for", "call"]

@@ -6,6 +6,9 @@ import json
 from typing import Any
 
 import pytest
+
+pytest.importorskip("aiomqtt", reason="needs the mqtt extra")  # absent in tools/test_newest_websockets.py
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

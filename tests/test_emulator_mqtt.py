@@ -15,9 +15,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-import boto3
 import pytest
+
+pytest.importorskip("amqtt", reason="needs the mqtt extra")  # absent in tools/test_newest_websockets.py
+
+import aiomqtt  # noqa: E402
+import boto3  # noqa: E402
 
 import localproxy
 from localproxy.emulator import Emulator

@@ -1,0 +1,29 @@
+"""boto3 against the emulator, for tests: a client, and blocking calls run off the event loop.
+
+boto3 is imported here, so import this module only where boto3 is wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import boto3
+
+from localproxy.emulator import Emulator
+
+CALL_TIMEOUT = 10
+
+
+def api_for(emu: Emulator) -> Any:
+    """An unmodified boto3 ``iotsecuretunneling`` client pointed at the emulator."""
+    return boto3.client(
+        "iotsecuretunneling", endpoint_url=emu.api_url, region_name=emu.region,
+        aws_access_key_id="x", aws_secret_access_key="x",
+    )  # fmt: skip
+
+
+async def call(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a blocking boto3 call in a thread, bounded in time: the emulator
+    serves on the test's event loop, which a direct call would block."""
+    return await asyncio.wait_for(asyncio.to_thread(fn, **kwargs), CALL_TIMEOUT)
