@@ -11,12 +11,12 @@ Flow control (why these numbers):
   websocket's outgoing queue is above its high-water mark (see ``proxy.py``);
   a TCP socket we do not read pushes back on its application, as TCP does.
 - Tunnel -> local: each connection's write buffer has a high-water mark of
-  ``WRITE_HIGH`` (1 MiB; ``WRITE_LOW`` 256 KiB to resume). Above it the hub stops
-  reading the websocket until every such writer drained. So a local application
-  that stops reading pauses the whole session (like one TCP connection would),
-  and memory stays bounded: about ``WRITE_HIGH`` + one websocket message per
-  connection. The protocol has no per-stream window, so the only alternatives
-  would be unbounded buffering or dropping data.
+  ``WRITE_HIGH`` (1 MiB; ``WRITE_LOW`` 256 KiB to resume). Above it the
+  connection is backlogged; the hub's receive policy (``receive_policy.py``)
+  stops reading the websocket only when the backlogged connections together
+  hold more than a budget, and resets one that keeps it stopped too long. The
+  protocol has no per-stream window, so the alternatives would be unbounded
+  buffering or dropping data.
 - A flushed close (``close(flush=True)``) writes what is queued, then closes; a
   reader that never drains it is aborted after ``FLUSH_TIMEOUT`` seconds.
 """
@@ -132,6 +132,11 @@ class LocalConnection(asyncio.Protocol):
         self._report_closed()
 
     # --- driven by the hub --------------------------------------------------------
+
+    def buffered(self) -> int:
+        """Bytes written to this connection that its application has not taken yet."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else self._pending_bytes
 
     def write(self, data: BytesLike) -> None:
         transport = self.transport

@@ -10,35 +10,33 @@ Send path: frames wait in the session's :class:`~localproxy.scheduler.SendSchedu
 takes one websocket message at a time from it, of the size the
 :class:`~localproxy.pacing.Pacer` allows, and keeps what sits below it small
 (websockets' write buffer and the kernel's unsent bytes, ``TCP_NOTSENT_LOWAT``),
-so that the queue lives where it can be reordered. A connection whose own queue
-is full stops being read (``PAUSE_CONGESTED``) until the scheduler resumes it;
-the others go on being read.
+so that the queue lives where it can be reordered (``sender.py``). A connection
+whose own queue is full stops being read (``PAUSE_CONGESTED``) until the
+scheduler resumes it; the others go on being read.
+
+Receive path: local writers over their high-water mark are *backlogged*; the
+:class:`~localproxy.receive_policy.ReceiveGate` says when the websocket must stop
+being read (their bytes together over a budget) and which stalled connection to
+reset when that lasts too long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
-import sys
 from collections import defaultdict
 from typing import Any, Callable
 
-from websockets.exceptions import ConnectionClosed
-
 from .adapters import PAUSE_CONGESTED, PAUSE_HELD, LocalConnection, listen
-from .codec import BytesLike
 from .config import Mode, ProxyConfig
 from .errors import LocalProxyError
 from .events import ErrorEvent, Event, Listening, TunnelReady
-from .pacing import Pacer
-from .scheduler import SendScheduler
+from .receive_policy import ReceiveGate
+from .sender import Sender
 from .tunnel import TunnelState
 from .tunnel_actions import (
     Close,
     Connect,
-    DataFramer,
     Fatal,
     Hold,
     Listen,
@@ -51,115 +49,9 @@ from .tunnel_actions import (
     Write,
 )
 
-__all__ = ["Engine", "Sender", "tune_send_buffers"]
+__all__ = ["Engine"]
 
 logger = logging.getLogger("localproxy.proxy")
-
-# Linux has it in the socket module; macOS's value is 0x201; elsewhere the kernel's
-# send buffer is not bounded by us (the scheduler still orders what is above it).
-_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.platform == "darwin" else None)
-
-
-# Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
-_SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
-UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent bytes per message
-
-
-def kernel_unsent(sock: Any) -> int:
-    """The kernel's unsent bytes on ``sock`` (0 where that cannot be known)."""
-    if _SIOCOUTQNSD is None or sock is None:
-        return 0
-    try:
-        import fcntl
-
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0"))[0])
-    except (OSError, ValueError):
-        return 0
-
-
-def tune_send_buffers(ws: Any, budget: int) -> None:
-    """Let websockets' write buffer and the kernel's unsent bytes hold about ``budget`` each."""
-    transport = ws.transport
-    try:
-        transport.set_write_buffer_limits(high=budget, low=budget // 4)
-    except (AttributeError, RuntimeError):  # pragma: no cover - closing
-        return
-    sock = transport.get_extra_info("socket")
-    if _NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget)
-        except OSError:  # pragma: no cover - not supported here, or closed
-            pass
-
-
-class Sender:
-    """The websocket writer of one session: scheduler -> paced messages."""
-
-    def __init__(self, ws: Any, on_resumed: Callable[[list[int]], None]) -> None:
-        self._ws = ws
-        self.scheduler = SendScheduler()
-        self.pacer = Pacer()
-        self._wakeup = asyncio.Event()
-        self._on_resumed = on_resumed
-        tune_send_buffers(ws, self.pacer.budget)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
-        self.scheduler.push_control(frame, key, service_id)
-        self._wakeup.set()
-
-    def push_data(self, key: int, service_id: str, framer: DataFramer, data: BytesLike) -> bool:
-        """Queue a connection's payload; True: stop reading that connection."""
-        pause = self.scheduler.push_data(key, service_id, framer, data)
-        self._wakeup.set()
-        return pause
-
-    async def _run(self) -> None:
-        scheduler = self.scheduler
-        pacer = self.pacer
-        ws = self._ws
-        clock = asyncio.get_running_loop().time
-        try:
-            while True:
-                if not scheduler:
-                    pacer.idle()
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                parts = scheduler.take_message(pacer.budget)
-                resumed = scheduler.take_resumed()
-                if resumed:
-                    self._on_resumed(resumed)
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                if pacer.rate is not None and pacer.budget < pacer.maximum:
-                    await self._wait_kernel(pacer.budget, pacer.rate)
-                pacer.sending(clock())
-                await ws.send(data)
-                if pacer.sent(len(data), clock()):
-                    tune_send_buffers(ws, pacer.budget)
-        except ConnectionClosed:
-            pass  # the receive loop sees it too and ends the session
-        except Exception:  # noqa: BLE001 - a bug: end the session rather than hang
-            logger.exception("Websocket sender failed")
-            await ws.close(1011, "internal error")
-
-    async def _wait_kernel(self, budget: int, rate: float) -> None:
-        """On a slow link, keep the kernel's unsent bytes near ``budget``.
-
-        ``TCP_NOTSENT_LOWAT`` only gates new socket buffers: a write that fits in
-        the last one (up to 64 KiB) still goes in, so without this the kernel
-        would hold up to 64 KiB more than the budget (80 ms at 800 kB/s).
-        """
-        sock = self._ws.transport.get_extra_info("socket")
-        for _ in range(UNSENT_POLLS):
-            unsent = kernel_unsent(sock)
-            if unsent <= budget:
-                return
-            await asyncio.sleep(min(0.05, (unsent - budget) / rate))
-
-    def stop(self) -> None:
-        self._task.cancel()
-
 
 class Engine:
     """Local connections, listeners and the current session's sender of one proxy."""
@@ -173,8 +65,13 @@ class Engine:
         self.restart: LocalProxyError | None = None  # end this session, reconnect
         self.ready = False  # the tunnel's services were known once
         self.on_ready: Callable[[], None] = lambda: None
-        self.writers_drained = asyncio.Event()  # no local writer over its high-water mark
+        # Set while the websocket may be read (see receive_policy.py); the name is historic.
+        self.writers_drained = asyncio.Event()
         self.writers_drained.set()
+        settings = config.settings
+        self._gate = ReceiveGate(settings.receive_budget_bytes, settings.stalled_reader_timeout_ms / 1000)
+        self._gate_timer: asyncio.TimerHandle | None = None
+        self._gating = False
         self.sender: Sender | None = None
         self._servers: dict[str, list[asyncio.Server]] = {}
         self._conns: dict[int, LocalConnection] = {}
@@ -211,7 +108,7 @@ class Engine:
             conn.close(True)
         self._conns.clear()
         self._paused_writers.clear()
-        self.writers_drained.set()
+        self._reconsider_reading()
 
     # --- actions -------------------------------------------------------------------
 
@@ -259,8 +156,8 @@ class Engine:
                     self.ready = True
                     self.on_ready()
                 self.emit(action)
-        if not self._paused_writers:
-            self.writers_drained.set()
+        if self._paused_writers or not self.writers_drained.is_set():
+            self._reconsider_reading()
 
     @staticmethod
     def needs_async(actions: list[Any]) -> bool:
@@ -347,9 +244,58 @@ class Engine:
 
     def writer_paused(self, conn: LocalConnection) -> None:
         self._paused_writers.add(conn)
-        self.writers_drained.clear()
+        self._reconsider_reading()
 
     def writer_resumed(self, conn: LocalConnection) -> None:
         self._paused_writers.discard(conn)
-        if not self._paused_writers:
+        self._reconsider_reading()
+
+    # --- receive policy ------------------------------------------------------------------
+
+    POLL_WHILE_STOPPED = 0.1  # seconds between looks at the backlogs while not reading
+
+    def _reconsider_reading(self) -> None:
+        """Ask the receive gate whether to read the websocket; reset whom it names."""
+        if self._gating:
+            return  # a reset below re-enters through apply(): the loop here covers it
+        self._gating = True
+        try:
+            loop = asyncio.get_running_loop()
+            for _ in range(len(self._paused_writers) + 1):
+                backlogs = {conn.key: conn.buffered() for conn in self._paused_writers}
+                decision = self._gate.update(backlogs, loop.time())
+                if decision.reset is None:
+                    break
+                self._reset_stalled(decision.reset, decision.stalled_for, backlogs[decision.reset])
+        finally:
+            self._gating = False
+        if self._gate.reading:
             self.writers_drained.set()
+            if self._gate_timer is not None:
+                self._gate_timer.cancel()
+                self._gate_timer = None
+        else:
+            self.writers_drained.clear()
+            if self._gate_timer is None:
+                self._gate_timer = loop.call_later(self.POLL_WHILE_STOPPED, self._poll_gate)
+
+    def _poll_gate(self) -> None:
+        self._gate_timer = None
+        self._reconsider_reading()
+
+    def _reset_stalled(self, key: int, stalled_for: float, buffered: int) -> None:
+        conn = self._conns.pop(key, None)
+        if conn is None:
+            return
+        self._paused_writers.discard(conn)
+        logger.warning(
+            "Local connection %s of service '%s' took no data for %.1f s while %d bytes waited for it, "
+            "and the tunnel stopped reading for all connections meanwhile: resetting it so the others "
+            "can continue (tunneling.proxy.tcp.stalled_reader_timeout_ms)",
+            conn.peer,
+            conn.service_id or "(default)",
+            stalled_for,
+            buffered,
+        )
+        conn.close(False)
+        self.apply(self.tunnel.local_closed(key))

@@ -46,6 +46,9 @@ class Settings:
     max_frame_size: int = 131076
     ws_write_buffer_size: int = 131076
     ws_read_buffer_size: int = 131076
+    # Ours (not in the reference; read from --settings-json, not exported): see receive_policy.py.
+    receive_budget_bytes: int = 4 * 1024 * 1024
+    stalled_reader_timeout_ms: int = 10_000
     region_endpoint_overrides: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict(_DEFAULT_OVERRIDES))
     )
@@ -73,6 +76,14 @@ SETTING_KEYS: Mapping[str, str] = MappingProxyType(
         "tunneling.proxy.websocket.read_buffer_size": "ws_read_buffer_size",
     }
 )
+# Settings of ours: accepted in --settings-json like the reference's, never exported
+# (--export-default-settings keeps the reference's exact shape).
+EXTRA_SETTING_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "tunneling.proxy.tcp.receive_budget_bytes": "receive_budget_bytes",
+        "tunneling.proxy.tcp.stalled_reader_timeout_ms": "stalled_reader_timeout_ms",
+    }
+)
 REGION_OVERRIDES_PREFIX = "tunneling.proxy.region_endpoint_overrides."
 
 _INT_MINIMUMS: Mapping[str, int] = MappingProxyType(
@@ -91,6 +102,8 @@ _INT_MINIMUMS: Mapping[str, int] = MappingProxyType(
         "max_frame_size": 1,
         "ws_write_buffer_size": 1,
         "ws_read_buffer_size": 1,
+        "receive_budget_bytes": 65536,
+        "stalled_reader_timeout_ms": 0,  # 0: never reset a stalled reader
     }
 )
 _INT_MAXIMUMS: Mapping[str, int] = MappingProxyType(
@@ -163,8 +176,8 @@ def settings_from_tree(
     overrides = dict((base or Settings()).region_endpoint_overrides)
     warnings: list[str] = []
     for key, raw in _flatten(tree):
-        if key in SETTING_KEYS:
-            attribute = SETTING_KEYS[key]
+        attribute = SETTING_KEYS.get(key) or EXTRA_SETTING_KEYS.get(key)
+        if attribute is not None:
             values[attribute] = _parse_value(attribute, raw, key, source)
         elif key.startswith(REGION_OVERRIDES_PREFIX):
             region = key[len(REGION_OVERRIDES_PREFIX):]

@@ -709,16 +709,19 @@ async def test_slow_local_reader_bounds_memory_and_loses_nothing(proxy_emulator:
         sock = socket.socket()
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", src.ports["SSH"]))
-        # The source app reads nothing: its proxy's writer fills up and pauses the session.
+        # The source app reads nothing: its proxy's writer fills up past its mark, then past
+        # the receive budget, and the session stops reading the websocket.
+        engine = src._engine  # noqa: SLF001 - the flow-control state under test
         for _ in range(1000):
-            if src._engine.paused_writers:  # noqa: SLF001 - the flow-control state under test
+            if engine.paused_writers and not engine.writers_drained.is_set():
                 break
             await asyncio.sleep(0.01)
         else:
-            raise AssertionError("the local writer never paused")
-        (conn,) = src._engine.paused_writers  # noqa: SLF001
+            raise AssertionError("the session never stopped reading")
+        (conn,) = engine.paused_writers
         assert conn.transport is not None
-        assert conn.transport.get_write_buffer_size() <= adapters.WRITE_HIGH + 2 * 131076
+        budget = src.config.settings.receive_budget_bytes
+        assert adapters.WRITE_HIGH < conn.transport.get_write_buffer_size() <= budget + 2 * 131076
         digest = hashlib.sha256()
         remaining = len(blob)
         for _ in range(100_000):

@@ -1,0 +1,134 @@
+"""The websocket writer of one session: scheduler -> paced messages (the I/O half of the send path).
+
+:class:`Sender` takes one websocket message at a time from its
+:class:`~localproxy.scheduler.SendScheduler`, of the size the
+:class:`~localproxy.pacing.Pacer` allows, and keeps what sits below it small:
+websockets' write buffer and the kernel's unsent bytes (``TCP_NOTSENT_LOWAT``,
+and on a slow link a wait while ``SIOCOUTQNSD`` shows more than the budget), so
+that the queue lives where it can be reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import sys
+from typing import Any, Callable
+
+from websockets.exceptions import ConnectionClosed
+
+from .codec import BytesLike
+from .pacing import Pacer
+from .scheduler import SendScheduler
+from .tunnel_actions import DataFramer
+
+__all__ = ["Sender", "kernel_unsent", "tune_send_buffers"]
+
+logger = logging.getLogger("localproxy.proxy")
+
+# Linux has it in the socket module; macOS's value is 0x201; elsewhere the kernel's
+# send buffer is not bounded by us (the scheduler still orders what is above it).
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.platform == "darwin" else None)
+
+
+# Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
+_SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
+UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent bytes per message
+
+
+def kernel_unsent(sock: Any) -> int:
+    """The kernel's unsent bytes on ``sock`` (0 where that cannot be known)."""
+    if _SIOCOUTQNSD is None or sock is None:
+        return 0
+    try:
+        import fcntl
+
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
+def tune_send_buffers(ws: Any, budget: int) -> None:
+    """Let websockets' write buffer and the kernel's unsent bytes hold about ``budget`` each."""
+    transport = ws.transport
+    try:
+        transport.set_write_buffer_limits(high=budget, low=budget // 4)
+    except (AttributeError, RuntimeError):  # pragma: no cover - closing
+        return
+    sock = transport.get_extra_info("socket")
+    if _NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget)
+        except OSError:  # pragma: no cover - not supported here, or closed
+            pass
+
+
+class Sender:
+    """The websocket writer of one session: scheduler -> paced messages."""
+
+    def __init__(self, ws: Any, on_resumed: Callable[[list[int]], None]) -> None:
+        self._ws = ws
+        self.scheduler = SendScheduler()
+        self.pacer = Pacer()
+        self._wakeup = asyncio.Event()
+        self._on_resumed = on_resumed
+        tune_send_buffers(ws, self.pacer.budget)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
+        self.scheduler.push_control(frame, key, service_id)
+        self._wakeup.set()
+
+    def push_data(self, key: int, service_id: str, framer: DataFramer, data: BytesLike) -> bool:
+        """Queue a connection's payload; True: stop reading that connection."""
+        pause = self.scheduler.push_data(key, service_id, framer, data)
+        self._wakeup.set()
+        return pause
+
+    async def _run(self) -> None:
+        scheduler = self.scheduler
+        pacer = self.pacer
+        ws = self._ws
+        clock = asyncio.get_running_loop().time
+        try:
+            while True:
+                if not scheduler:
+                    pacer.idle()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                parts = scheduler.take_message(pacer.budget)
+                resumed = scheduler.take_resumed()
+                if resumed:
+                    self._on_resumed(resumed)
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                if pacer.rate is not None and pacer.budget < pacer.maximum:
+                    await self._wait_kernel(pacer.budget, pacer.rate)
+                pacer.sending(clock())
+                await ws.send(data)
+                if pacer.sent(len(data), clock()):
+                    tune_send_buffers(ws, pacer.budget)
+        except ConnectionClosed:
+            pass  # the receive loop sees it too and ends the session
+        except Exception:  # noqa: BLE001 - a bug: end the session rather than hang
+            logger.exception("Websocket sender failed")
+            await ws.close(1011, "internal error")
+
+    async def _wait_kernel(self, budget: int, rate: float) -> None:
+        """On a slow link, keep the kernel's unsent bytes near ``budget``.
+
+        ``TCP_NOTSENT_LOWAT`` only gates new socket buffers: a write that fits in
+        the last one (up to 64 KiB) still goes in, so without this the kernel
+        would hold up to 64 KiB more than the budget (80 ms at 800 kB/s).
+        """
+        sock = self._ws.transport.get_extra_info("socket")
+        for _ in range(UNSENT_POLLS):
+            unsent = kernel_unsent(sock)
+            if unsent <= budget:
+                return
+            await asyncio.sleep(min(0.05, (unsent - budget) / rate))
+
+    def stop(self) -> None:
+        self._task.cancel()
