@@ -91,6 +91,7 @@ class SendScheduler:
         self.flow_low = flow_low
         self.total_high = total_high
         self.queued = 0  # bytes in all queues (frames and payloads)
+        self._round = quantum  # the quantum of the current message size (<= quantum)
         self._flows: dict[int, _Flow] = {}
         self._services: dict[str, _Service] = {}
         self._urgent: deque[bytes] = deque()
@@ -165,7 +166,7 @@ class SendScheduler:
             parts.append(frame)
             used += len(frame)
             self.queued -= len(frame)
-        quantum = max(MIN_CHUNK, min(self.quantum, budget))
+        quantum = self._round = max(MIN_CHUNK, min(self.quantum, budget))
         while used < budget:
             if self._ready:
                 service, frame = self._ready[0]
@@ -217,7 +218,7 @@ class SendScheduler:
         flow.size += size
         service.pending[epoch] = service.pending.get(epoch, 0) + 1
         if flow.listed is None and flow not in service.blocked:
-            flow.deficit = self.quantum
+            flow.deficit = self._round
             flow.listed = self._new
             self._new.append(flow)
         return flow
@@ -293,7 +294,7 @@ class SendScheduler:
                 self._ready.append((service, frame))
         blocked, service.blocked = service.blocked, []
         for flow in blocked:
-            flow.deficit = max(flow.deficit, self.quantum)
+            flow.deficit = max(flow.deficit, self._round)
             flow.listed = self._new
             self._new.append(flow)
 
