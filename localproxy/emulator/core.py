@@ -26,6 +26,7 @@ from .events import EmulatorEvent, EventLog
 from .faults import Faults
 from .front import FrontConfig
 from .mqtt import EmbeddedBroker, NotifyPublisher
+from .faults import CAPPED_SEGMENT_SIZE
 from .relay import Relay
 from .server import DataPlane, start_server
 from .store import Side, Store, Tunnel
@@ -132,7 +133,11 @@ class Emulator:
                 self.ca_pem_path, self.capath = generated.ca_pem, generated.capath
                 context = certs.server_context(generated.cert_pem, generated.key_pem)
         plane = DataPlane(self.store, self.faults, self.relay, self.events)
-        self._server = await start_server(plane, self.front, self.host, self.port, context)
+        # Capped from the start: real-network segment sizes, so the relay's small receive
+        # window in front of the cap works (with loopback's 64 KiB segments it stalls TCP).
+        segment_size = CAPPED_SEGMENT_SIZE if self.faults.bytes_per_second is not None else None
+        self.relay.shrink_receive_buffers = segment_size is not None
+        self._server = await start_server(plane, self.front, self.host, self.port, context, segment_size)
         self.port = self._server.server.sockets[0].getsockname()[1]  # asyncio's: a tuple
         self._expiry_task = asyncio.create_task(self._expire_periodically())
         await self._start_mqtt()

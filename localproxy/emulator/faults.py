@@ -16,6 +16,7 @@ SERVICE_BANDWIDTH = 800_000
 # kernel holds before the relay's pacing would otherwise be a deep hidden queue.
 CAPPED_RCVBUF_SECONDS = 0.01
 CAPPED_RCVBUF_MIN = 8 * 1024
+CAPPED_SEGMENT_SIZE = 1400  # TCP MSS of an emulator capped from its start (a real link's)
 
 
 def capped_rcvbuf(bytes_per_second: float) -> int:

@@ -8,8 +8,11 @@
 - Queue per direction, at most: websockets' receive queue (``max_queue`` = 4
   messages) + one socket read + the message being paced or sent + the target's
   write buffer (256 KiB). With a bandwidth cap, in front of the pacing: two
-  messages read ahead and a kernel receive buffer of 10 ms of the cap (at least
-  8 KiB): what waits for the cap waits in the sending proxy, which can reorder it.
+  messages read ahead and, when the emulator was capped from its start (its
+  connections then use 1400-byte segments), a kernel receive buffer of 10 ms of
+  the cap (at least 8 KiB): what waits for the cap waits in the sending proxy,
+  which can reorder it. (A cap set later keeps the kernel's autotuned buffer: a
+  small window with loopback's 64 KiB segments stalls TCP for seconds.)
 - Absent peer: like the real service, data for a side that is not connected is
   dropped (counted in a ``dropped`` event), never buffered.
 - A new valid peer in the same side replaces the old one (closed with 1000,
@@ -87,6 +90,9 @@ class Relay:
         self._streams: dict[str, dict[str, int]] = {}  # tunnel -> service id -> active stream id
         self._handshakes: dict[tuple[str, Side], int] = defaultdict(int)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set by the emulator when its connections have real-network segment sizes: only
+        # then may a capped peer's kernel receive buffer be made small (see Emulator.start).
+        self.shrink_receive_buffers = False
 
     # --- queries --------------------------------------------------------------
 
@@ -261,7 +267,7 @@ class Relay:
         if assembler is not None and getattr(assembler, "high", None) is not None:
             assembler.high, assembler.low = 1, 0
         sock = peer.ws.transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and self.shrink_receive_buffers:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, capped_rcvbuf(rate))
             except OSError:  # pragma: no cover - closed meanwhile

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -100,15 +101,21 @@ async def start_server(
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None,
+    segment_size: int | None = None,
 ) -> Server:
+    """Serve on ``host:port``; ``segment_size`` clamps the TCP MSS of accepted connections
+    (see ``Emulator``: loopback's 64 KiB segments and a small receive window stall TCP)."""
     kwargs: dict[str, Any] = {}
     if ssl_context is not None:
         kwargs["ssl"] = ssl_context
         kwargs["ssl_handshake_timeout"] = 10
+    address: tuple[str | None, int | None] = (host, port)
+    if segment_size is not None:
+        kwargs["sock"] = _listening_socket(host, port, segment_size)
+        address = (None, None)
     return await serve(
         plane.handler,
-        host,
-        port,
+        *address,
         # websockets only calls it like the class; its annotation asks for the class itself
         create_connection=functools.partial(FrontConnection, front=front),  # type: ignore[arg-type]
         process_request=plane.process_request,
@@ -123,3 +130,18 @@ async def start_server(
         write_limit=2**18,  # send() waits above 256 KiB buffered: backpressure to the sender
         **kwargs,
     )
+
+
+def _listening_socket(host: str, port: int, segment_size: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, segment_size)  # inherited by accepted sockets
+        sock.bind(address)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
