@@ -62,7 +62,7 @@ def _bulk_connection(port: int, direction: str, stop: threading.Event, counts: l
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(REQUEST.pack(ENDLESS, 0, 0))
         if direction == "up":
-            data = bytes(pool()[:CHUNK])
+            data = bytes(pool()[:16384])  # small writes: the count is exact to 16 KiB
             while not stop.is_set():
                 sock.sendall(data)
                 counts[index] += len(data)
@@ -187,7 +187,8 @@ def implementations(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     impls = [("ours", args.source_template, args.destination_template)]
     if args.with_base:
         base = Path(args.with_base).resolve()
-        impls.append(("base", f"env PYTHONPATH={base} " + OURS_SOURCE, f"env PYTHONPATH={base} " + OURS_DESTINATION))
+        # Run from inside that checkout: ``-m`` puts the working directory first on sys.path.
+        impls.append(("base", f"env -C {base} " + OURS_SOURCE, f"env -C {base} " + OURS_DESTINATION))
     if args.with_reference:
         if REFERENCE_BINARY.exists():
             impls.append(("c++", REFERENCE_SOURCE, REFERENCE_DESTINATION))
@@ -238,25 +239,32 @@ def run_interactive(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             out: dict[str, Any] = results.setdefault(name, {})
             for label, info, control in links:
                 print(f"... interactive {name} {label}", file=sys.stderr, flush=True)
-                tag = f"{name}-{label}".replace("+", "p")
-                try:
-                    pair = start_pair(control, info, log_dir, tag, "ECHO", ports["echo"], settings, source_template,
-                                      destination_template, more_services={"UP": ports["sink"], "DOWN": ports["source"]})
-                except RigError as error:
-                    out[label] = {"error": str(error)}
-                    continue
-                try:
-                    row: dict[str, Any] = {"unloaded": latency_summary(*echo_probes(pair.ports["ECHO"], args.window))}
-                    for direction in ("up", "down"):
-                        row[f"under_bulk_{direction}"] = _with_bulk(
-                            pair, log_dir, f"{tag}-{direction}", direction, 1, args.warmup, args.window, True)
-                    if label == "capped":
-                        row["four_bulk_down"] = _with_bulk(
-                            pair, log_dir, f"{tag}-fair", "down", 4, args.warmup, max(args.window, 10.0), False)
-                except (RigError, OSError) as error:
-                    row["error"] = f"{type(error).__name__}: {error}"
-                finally:
-                    pair.stop()
+                row: dict[str, Any] = {}
+                loads = ["unloaded", "up", "down"] + (["four"] if label == "capped" else [])
+                for load in loads:
+                    # A fresh pair per load: a previous bulk connection's bytes still queued in
+                    # the kernel would otherwise keep its direction busy for seconds.
+                    tag = f"{name}-{label}-{load}".replace("+", "p")
+                    try:
+                        pair = start_pair(control, info, log_dir, tag, "ECHO", ports["echo"], settings,
+                                          source_template, destination_template,
+                                          more_services={"UP": ports["sink"], "DOWN": ports["source"]})
+                    except RigError as error:
+                        row[load] = {"error": str(error)}
+                        continue
+                    try:
+                        if load == "unloaded":
+                            row[load] = latency_summary(*echo_probes(pair.ports["ECHO"], args.window))
+                        elif load == "four":
+                            row["four_bulk_down"] = _with_bulk(pair, log_dir, tag, "down", 4, args.warmup,
+                                                               max(args.window, 10.0), False)
+                        else:
+                            row[f"under_bulk_{load}"] = _with_bulk(pair, log_dir, tag, load, 1, args.warmup,
+                                                                   args.window, True)
+                    except (RigError, OSError) as error:
+                        row[load] = {"error": f"{type(error).__name__}: {error}"}
+                    finally:
+                        pair.stop()
                 out[label] = row
     finally:
         for child in reversed(children):
@@ -274,12 +282,12 @@ def print_interactive(results: dict[str, Any]) -> None:
         if not isinstance(rows, dict) or name.endswith("_s"):
             continue
         for label, row in rows.items():
-            if "error" in row and len(row) == 1:
-                print(f"{name:>10}  {label:>10}  FAILED: {row['error']}")
-                continue
             for load in ("unloaded", "under_bulk_up", "under_bulk_down"):
-                cell = row.get(load)
+                cell = row.get(load) or row.get(load.replace("under_bulk_", ""))
                 if not cell:
+                    continue
+                if "error" in cell:
+                    print(f"{name:>10}  {label:>10}  {load}: FAILED: {cell['error']}")
                     continue
                 rate = cell.get("bulk_kb_s")
                 share = f"{rate * 1000 / cap:.0%}" if rate is not None and label == "capped" else "-"
@@ -290,8 +298,8 @@ def print_interactive(results: dict[str, Any]) -> None:
             if fair:
                 print(f"{name:>10}  {label:>10}  four downloads kB/s {fair.get('per_connection_kb_s')} "
                       f"(total {fair.get('bulk_kb_s')}, max deviation from mean {fair.get('max_deviation_from_mean')})")
-            if "error" in row:
-                print(f"{name:>10}  {label:>10}  error: {row['error']}")
+            if "four" in row:
+                print(f"{name:>10}  {label:>10}  four downloads: FAILED: {row['four']['error']}")
 
 
 if __name__ == "__main__":

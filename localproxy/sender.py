@@ -104,9 +104,9 @@ class Sender:
                 if resumed:
                     self._on_resumed(resumed)
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
+                pacer.sending(clock())  # before any wait: the link's time counts whole
                 if pacer.rate is not None and pacer.budget < pacer.maximum:
                     await self._wait_kernel(pacer.budget, pacer.rate)
-                pacer.sending(clock())
                 await ws.send(data)
                 if pacer.sent(len(data), clock()):
                     tune_send_buffers(ws, pacer.budget)
