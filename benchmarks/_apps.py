@@ -13,6 +13,7 @@ Wire conventions (all on one TCP connection):
   KiB/s when non-zero: the slow reader) and answers the 32-byte sha256 of them.
 - ``source``: the client sends the same request; the app sends ``size`` bytes of
   :func:`chunks` (the client knows their sha256 in advance).
+- ``count``: reads everything, answers the running total (8 bytes) after each 64 KiB.
 
 The payload is cut from an 8 MiB seeded random pool at offsets that do not
 repeat with any short period, so reordered or duplicated chunks change the hash.
@@ -124,6 +125,25 @@ class SinkApp(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+class CountApp(asyncio.Protocol):
+    """Reads everything; after each 64 KiB answers the total so far (8 bytes, big-endian):
+    a sender learns how much really arrived, whatever the buffers in between hold."""
+
+    STEP = 64 * 1024
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        _nodelay(transport)
+        self.total = 0
+        self.next_report = self.STEP
+
+    def data_received(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.total >= self.next_report:
+            self.next_report = self.total + self.STEP
+            self.transport.write(self.total.to_bytes(8, "big"))
+
+
 class SourceApp(asyncio.Protocol):
     """Sends ``size`` bytes of :func:`chunks`, driven by the transport's flow control."""
 
@@ -169,7 +189,7 @@ async def serve_apps(host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
     ports: dict[str, int] = {}
     servers = []
-    for name, factory in (("echo", EchoApp), ("sink", SinkApp), ("source", SourceApp)):
+    for name, factory in (("echo", EchoApp), ("sink", SinkApp), ("source", SourceApp), ("count", CountApp)):
         server = await loop.create_server(factory, host, 0, backlog=4096)
         servers.append(server)
         ports[name] = server.sockets[0].getsockname()[1]

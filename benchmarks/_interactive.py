@@ -8,7 +8,8 @@ ECHO (echo app) and BULK (sink or source app):
 - echo alone (unloaded), then echo under one bulk upload and under one bulk
   download, uncapped and through a second emulator capped with ``--bandwidth``
   (default 800 kB/s, the service's figure): echo p50/p99/max and how many probes
-  timed out, and the bulk rate during the probes (and its share of the cap);
+  timed out, and the bulk rate during the probes (and its share of the cap), as
+  the receiving app counts it;
 - capped, four bulk downloads at once: each one's kB/s and its distance from the
   mean share.
 
@@ -58,15 +59,28 @@ ENDLESS = 1 << 50  # bytes asked of the apps: the client stops first
 
 
 def _bulk_connection(port: int, direction: str, stop: threading.Event, counts: list[int], index: int) -> None:
+    """Upload to the count app (``counts`` = what it says arrived) or download from the source app."""
     with socket.create_connection(("127.0.0.1", port), timeout=PROBE_TIMEOUT * 4) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(REQUEST.pack(ENDLESS, 0, 0))
         if direction == "up":
-            data = bytes(pool()[:16384])  # small writes: the count is exact to 16 KiB
+            def read_totals() -> None:
+                buffer = b""
+                while not stop.is_set():
+                    part = sock.recv(4096)
+                    if not part:
+                        return
+                    buffer += part
+                    whole = len(buffer) // 8 * 8
+                    if whole:
+                        counts[index] = int.from_bytes(buffer[whole - 8 : whole], "big")
+                        buffer = buffer[whole:]
+
+            threading.Thread(target=read_totals, daemon=True).start()
+            data = bytes(pool()[:CHUNK])
             while not stop.is_set():
                 sock.sendall(data)
-                counts[index] += len(data)
         else:
+            sock.sendall(REQUEST.pack(ENDLESS, 0, 0))
             buffer = bytearray(CHUNK)
             while not stop.is_set():
                 count = sock.recv_into(buffer)
@@ -223,18 +237,40 @@ def _with_bulk(pair: ProxyPair, log_dir: Path, tag: str, direction: str, connect
     return result
 
 
+class _DirectPair:
+    """The apps themselves, no tunnel: the floor this machine sets for the same loads."""
+
+    def __init__(self, ports: dict[str, int]) -> None:
+        self.ports = {"ECHO": ports["echo"], "UP": ports["count"], "DOWN": ports["source"]}
+
+
+def _direct(ports: dict[str, int], log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    print("... interactive direct (no proxy)", file=sys.stderr, flush=True)
+    pair = _DirectPair(ports)
+    row: dict[str, Any] = {"unloaded": latency_summary(*echo_probes(pair.ports["ECHO"], args.window))}
+    for load in ("up", "down"):
+        row[f"under_bulk_{load}"] = _with_bulk(pair, log_dir, f"direct-{load}", load, 1, args.warmup,  # type: ignore[arg-type]
+                                               args.window, True)
+    return row
+
+
 def run_interactive(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"cap_bytes_per_s": args.cap, "warmup_s": args.warmup, "window_s": args.window}
     children: list[Child] = []
     try:
         apps, ports = start_apps(log_dir)
         children.append(apps)
+        # The echo app in a process of its own: the bulk apps' hashing must not delay it.
+        echo_apps, echo_ports = start_apps(log_dir)
+        children.append(echo_apps)
+        ports = {**ports, "echo": echo_ports["echo"]}
         links = []
         for label, cap in (("uncapped", None), ("capped", args.cap)):
             emulator, info = start_emulator(log_dir, False, cap)
             children.append(emulator)
             links.append((label, info, ControlPlane(info)))
         settings = write_settings(log_dir / "settings.json", max_connections=128)
+        results["direct"] = {"uncapped": _direct(ports, log_dir, args)}
         for name, source_template, destination_template in implementations(args):
             out: dict[str, Any] = results.setdefault(name, {})
             for label, info, control in links:
@@ -248,7 +284,7 @@ def run_interactive(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                     try:
                         pair = start_pair(control, info, log_dir, tag, "ECHO", ports["echo"], settings,
                                           source_template, destination_template,
-                                          more_services={"UP": ports["sink"], "DOWN": ports["source"]})
+                                          more_services={"UP": ports["count"], "DOWN": ports["source"]})
                     except RigError as error:
                         row[load] = {"error": str(error)}
                         continue

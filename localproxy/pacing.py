@@ -9,8 +9,11 @@ rate at which sends complete while the sender is backlogged and allows about
 ``target_delay`` worth of bytes (between ``minimum`` and ``maximum``) per
 message, in the write buffer and in the kernel (``TCP_NOTSENT_LOWAT``).
 
-It starts small and grows within one measuring window on a fast link, so a
-new session does not first bury the link under a large burst.
+Until a slow rate is measured the budget is the largest (a sender that keeps
+up with its connections never measures anything, and small messages would only
+cost CPU); each time the sender runs dry the budget doubles back towards it, as
+a link that drains everything is not the bottleneck. A bulk transfer over a
+slow link keeps the sender busy, so the first window (20 ms) shrinks it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ __all__ = ["Pacer"]
 
 TARGET_DELAY = 0.004  # seconds of link time the layer below the scheduler may hold
 MINIMUM = 4 * 1024
-START = 32 * 1024
 WINDOW = 0.02  # seconds of continuous sending per rate sample
 SMOOTHING = 0.5  # weight of a new sample in the rate estimate
 
@@ -35,20 +37,23 @@ class Pacer:
         target_delay: float = TARGET_DELAY,
         minimum: int = MINIMUM,
         maximum: int = MAX_WS_MESSAGE,
-        start: int = START,
     ) -> None:
         self.target_delay = target_delay
         self.minimum = minimum
         self.maximum = maximum
         self.rate: float | None = None  # bytes per second while backlogged
-        self.budget = max(minimum, min(start, maximum))
+        self.budget = maximum
         self._window_start: float | None = None
         self._window_bytes = 0
 
-    def idle(self) -> None:
-        """The sender ran out of data: the time until the next send says nothing of the link."""
+    def idle(self) -> bool:
+        """The sender ran out of data: the link kept up. True when :attr:`budget` changed."""
         self._window_start = None
         self._window_bytes = 0
+        if self.budget >= self.maximum:
+            return False
+        self.budget = min(self.maximum, self.budget * 2)
+        return True
 
     def sending(self, now: float) -> None:
         """A send is about to start (right after the previous one, unless :meth:`idle`)."""

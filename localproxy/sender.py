@@ -95,7 +95,8 @@ class Sender:
         try:
             while True:
                 if not scheduler:
-                    pacer.idle()
+                    if pacer.idle():
+                        tune_send_buffers(ws, pacer.budget)
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue

@@ -224,8 +224,8 @@ def _joined(items: list[Any]) -> list[Any]:
 
 
 def test_pacer_sizes_the_budget_from_the_drain_rate() -> None:
-    pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076, start=32768)
-    assert pacer.budget == 32768
+    pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076)
+    assert pacer.budget == 131076  # nothing measured yet: no reason to cut messages small
     now = 0.0
     for _ in range(50):  # 800 kB/s: 8 KB every 10 ms
         pacer.sending(now)
@@ -240,7 +240,7 @@ def test_pacer_sizes_the_budget_from_the_drain_rate() -> None:
     assert pacer.budget == 131076
 
 
-def test_pacer_ignores_idle_gaps() -> None:
+def test_pacer_ignores_idle_gaps_and_grows_back_when_the_link_keeps_up() -> None:
     pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076)
     now = 0.0
     for _ in range(10):  # a small message now and then: the link is not the limit
@@ -249,7 +249,16 @@ def test_pacer_ignores_idle_gaps() -> None:
         pacer.sent(100, now)
         pacer.idle()
         now += 1.0
-    assert pacer.rate is None
+    assert pacer.rate is None and pacer.budget == 131076
+    for _ in range(10):  # a slow link, backlogged
+        pacer.sending(now)
+        now += 0.01
+        pacer.sent(8000, now)
+    assert pacer.budget == 4096
+    assert pacer.idle() and pacer.budget == 8192  # ran dry: doubles back up
+    for _ in range(10):
+        pacer.idle()
+    assert pacer.budget == 131076
 
 
 # --- receive gate ------------------------------------------------------------------------
