@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import ssl
 import sys
-from importlib import metadata
 from typing import Sequence
 
 from . import __version__
@@ -19,7 +16,7 @@ from .command import ParsedCommand, parse_command_line
 from .errors import ExitCode, LocalProxyError, UsageError
 from .logs import setup_logging
 from .options import TRY_HELP, help_text
-from .runtime import run_program
+from .runtime import defer_import, run_program
 from .settings import export_settings
 
 __all__ = ["main", "parse_command_line", "ParsedCommand", "version_text"]
@@ -59,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for level, message in parsed.log_messages:
         log.log(level, "%s", message)
     assert parsed.config is not None
+    # websockets imports importlib.metadata (~15 ms, ~1 MiB) only to use it in a dev build.
+    defer_import("importlib.metadata")
     try:
         from .operations import OpsOptions
         from .proxy import run_proxy
@@ -80,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def version_text() -> str:
     """``localproxy-python X.Y.Z`` then the versions that matter in a bug report."""
+    import platform
+    import ssl
+    from importlib import metadata
+
     parts = [f"python {platform.python_version()}", ssl.OPENSSL_VERSION]
     for package in ("websockets", "protobuf", "uvloop"):
         try:
