@@ -84,7 +84,7 @@ def version_text() -> str:
     from importlib import metadata
 
     parts = [f"python {platform.python_version()}", ssl.OPENSSL_VERSION]
-    for package in ("websockets", "protobuf", "uvloop"):
+    for package in ("websockets", "uvloop"):
         try:
             parts.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
