@@ -10,8 +10,9 @@ the C++ reference binary in the same run, from the same command templates as
 - startup: process start -> its "Listening for new connection" line (a source
   proxy on a fresh tunnel: it connects, gets SERVICE_IDS, listens); median and
   min of ``--starts`` runs, ours and the reference alternating;
-- idle RSS (VmRSS) of a connected source and destination proxy process after
-  ``--settle`` seconds, and its wakeups per second over ``--window`` seconds
+- idle RSS (VmRSS) and USS (its private pages: RSS less the shared libraries'
+  pages, what each more process costs) of a connected source and destination
+  proxy process after ``--settle`` seconds, and its wakeups per second over ``--window`` seconds
   (voluntary + involuntary context switches of all its threads, from /proc);
   the ping period (20 s by default) needs 0.05/s;
 - library: ``--tunnels`` tunnels in one process (a child running only
@@ -76,6 +77,15 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def private_mib(pid: int) -> float:
+    """Unique set size (private pages: what this process alone costs), from smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        fields[key] = int(value.split()[0])
+    return round((fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)) / 1024, 1)
+
+
 def child_env(token: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
     for proxy_var in ("HTTPS_PROXY", "https_proxy"):
@@ -134,6 +144,7 @@ def idle_figures(control: ControlPlane, info: EmulatorInfo, log_dir: Path, tag: 
         return {
             "alive": alive,
             **{f"{name}_rss_mib": round(memory_kib(pid, "VmRSS") / 1024, 1) for name, pid in pids.items()},
+            **{f"{name}_uss_mib": private_mib(pid) for name, pid in pids.items()},
             **{f"{name}_wakeups_per_s": round((after[name] - before[name]) / seconds, 2) for name in pids},
         }
     finally:
@@ -273,6 +284,8 @@ def print_results(results: dict[str, Any], names: list[str]) -> None:
     rows = [("startup median, ms", "startup", "median_ms"), ("startup min, ms", "startup", "min_ms"),
             ("idle RSS source, MiB", "idle", "source_rss_mib"),
             ("idle RSS destination, MiB", "idle", "destination_rss_mib"),
+            ("idle USS (private) source, MiB", "idle", "source_uss_mib"),
+            ("idle USS destination, MiB", "idle", "destination_uss_mib"),
             ("idle wakeups/s source", "idle", "source_wakeups_per_s"),
             ("idle wakeups/s destination", "idle", "destination_wakeups_per_s")]
     print(f"{'figure':32}" + "".join(f"{name:>10}" for name in names) + ("  ours/C++" if "cpp" in names else ""))

@@ -56,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for level, message in parsed.log_messages:
         log.log(level, "%s", message)
     assert parsed.config is not None
-    # websockets imports importlib.metadata (~15 ms, ~1 MiB) only to use it in a dev build.
-    defer_import("importlib.metadata")
+    defer_unused_imports()
     try:
         from .operations import OpsOptions
         from .proxy import run_proxy
@@ -75,6 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # a bug: say so, with the traceback (redacted by the filter)
         log.critical("Internal error, please report it", exc_info=True)
         return ExitCode.INTERNAL
+
+
+# websockets imports these at start-up (~20 ms and ~2 MiB on a small machine, issue 13)
+# but only uses them in its dev builds (version) and for proxy=True (we pass the proxy).
+DEFERRED_IMPORTS = ("importlib.metadata", "urllib.request")
+
+
+def defer_unused_imports() -> None:
+    """Load :data:`DEFERRED_IMPORTS` only if something uses them (``runtime.defer_import``)."""
+    for name in DEFERRED_IMPORTS:
+        defer_import(name)
 
 
 def version_text() -> str:

@@ -11,11 +11,13 @@ import sys
 
 PROBE = """
 import json, sys
+import localproxy.cli
 from localproxy.runtime import defer_import
 first = defer_import("importlib.metadata")
 again = defer_import("importlib.metadata")
-import localproxy.cli, localproxy.proxy  # what `localproxy` imports before it connects
-loaded = {name: name in sys.modules for name in ("google.protobuf", "cryptography", "zipfile")}
+localproxy.cli.defer_unused_imports()  # as main() does
+import localproxy.proxy  # what `localproxy` imports before it connects
+loaded = {name: name in sys.modules for name in ("google.protobuf", "cryptography", "zipfile", "http.client")}
 deferred = type(sys.modules["importlib.metadata"]).__name__
 import importlib.metadata
 from importlib.metadata import version
@@ -30,7 +32,8 @@ def test_run_path_loads_neither_protobuf_nor_cryptography_and_defers_metadata() 
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["first"] is True and result["again"] is False
-    assert result["loaded"] == {"google.protobuf": False, "cryptography": False, "zipfile": False}
+    assert result["loaded"] == {"google.protobuf": False, "cryptography": False, "zipfile": False,
+                                "http.client": False}
     assert result["deferred"] == "_DeferredModule"
     # The first use loads the real module, through the import statement and the stand-in alike.
     import websockets
