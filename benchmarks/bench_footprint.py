@@ -3,9 +3,9 @@
 Run: ``python benchmarks/bench_footprint.py [--quick] [--starts N] [--tunnels N] [--json FILE]``.
 
 Against the emulator (``python -m localproxy.emulator``, a separate process), and,
-when ``../shared/reference/localproxy-nossl`` exists (or ``--reference PATH``),
-the C++ reference binary in the same run, from the same command templates as
-``bench_tunnel.py`` (``--source-template`` etc. measure another binary):
+when ``../shared/reference/localproxy-nossl`` exists, the C++ reference binary in
+the same run, from the rig's command templates (``_rig.py``; ``--source-template``
+etc. measure another binary):
 
 - startup: process start -> its "Listening for new connection" line (a source
   proxy on a fresh tunnel: it connects, gets SERVICE_IDS, listens); median and
@@ -44,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _rig import (  # noqa: E402
     OURS_DESTINATION,
     OURS_SOURCE,
+    REFERENCE_BINARY,
+    REFERENCE_DESTINATION,
+    REFERENCE_SOURCE,
     ROOT,
     ControlPlane,
     EmulatorInfo,
@@ -56,9 +59,6 @@ from _rig import (  # noqa: E402
     write_settings,
 )
 
-REFERENCE_BINARY = ROOT.parent / "shared" / "reference" / "localproxy-nossl"
-REFERENCE_SOURCE = "{reference} -e {host_port} -b 127.0.0.1 -s {service}={port}"
-REFERENCE_DESTINATION = "{reference} -e {host_port} -d {service}={app_host}:{app_port}"
 READY_LINE = b"Listening for new connection"
 SERVICE = "BENCH"
 
@@ -96,10 +96,11 @@ def child_env(token: str) -> dict[str, str]:
 def startup_ms(control: ControlPlane, info: EmulatorInfo, template: str, settings: Path, timeout: float) -> float:
     """Milliseconds from spawning a source proxy to its "Listening for new connection" line."""
     tunnel = control.open_tunnel(SERVICE)
+    port = free_port()
     argv = shlex.split(template.format(
         python=sys.executable, endpoint=info.data, host_port=info.data.split("://", 1)[1], service=SERVICE,
-        port=free_port(), capath_args="", settings=settings, reference=REFERENCE_BINARY,
-        app_host="127.0.0.1", app_port=9))
+        port=port, source_map=f"{SERVICE}={port}", capath_args="", settings=settings, app_host="127.0.0.1",
+        app_port=9, destination_map=f"{SERVICE}=127.0.0.1:9"))
     began = time.perf_counter()
     process = subprocess.Popen(argv, cwd=str(ROOT), env=child_env(tunnel["sourceAccessToken"]),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -129,7 +130,7 @@ def startup_ms(control: ControlPlane, info: EmulatorInfo, template: str, setting
 def idle_figures(control: ControlPlane, info: EmulatorInfo, log_dir: Path, tag: str, templates: tuple[str, str],
                  settings: Path, args: argparse.Namespace) -> dict[str, Any]:
     """RSS and wakeups/s of a connected, idle source and destination proxy process."""
-    source_template, destination_template = (t.replace("{reference}", str(REFERENCE_BINARY)) for t in templates)
+    source_template, destination_template = templates
     pair = start_pair(control, info, log_dir, tag, SERVICE, 9, settings, source_template, destination_template,
                       timeout=30)
     try:
@@ -219,14 +220,12 @@ def many_tunnels(control: ControlPlane, info: EmulatorInfo, count: int, timeout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global REFERENCE_BINARY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 starts, 3 s window, 20 tunnels")
     parser.add_argument("--starts", type=int, help="process starts per binary (default 11, quick 5)")
     parser.add_argument("--window", type=float, help="seconds of idle wakeup counting (default 20, quick 3)")
     parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before measuring RSS")
     parser.add_argument("--tunnels", type=int, help="tunnels in one process (default 100, quick 20)")
-    parser.add_argument("--reference", type=Path, default=REFERENCE_BINARY, help="the C++ binary (plain ws)")
     parser.add_argument("--source-template", default=OURS_SOURCE)
     parser.add_argument("--destination-template", default=OURS_DESTINATION)
     parser.add_argument("--baseline-root", type=Path, help="also measure the proxy of another checkout "
@@ -239,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     args.starts = args.starts or (5 if args.quick else 11)
     args.window = args.window or (3.0 if args.quick else 20.0)
     args.tunnels = args.tunnels or (20 if args.quick else 100)
-    REFERENCE_BINARY = args.reference
     has_reference = REFERENCE_BINARY.exists()
 
     results: dict[str, Any] = {}
