@@ -18,7 +18,9 @@ etc. measure another binary):
 - library: ``--tunnels`` tunnels in one process (a child running only
   ``localproxy``), a source and a destination ``LocalProxy`` for each, all
   connected through the emulator: RSS after the first pair and after all, and
-  KiB per ``LocalProxy`` beyond the first pair.
+  KiB per ``LocalProxy`` beyond the first pair;
+- the floor: ``python -c "import asyncio"`` (start to exit, and its RSS), which
+  any asyncio proxy pays before its own code.
 
 All on loopback; every wait has a deadline.
 """
@@ -41,12 +43,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _rig  # noqa: E402
 from _rig import (  # noqa: E402
-    OURS_DESTINATION,
-    OURS_SOURCE,
-    REFERENCE_BINARY,
-    REFERENCE_DESTINATION,
-    REFERENCE_SOURCE,
     ROOT,
     ControlPlane,
     EmulatorInfo,
@@ -198,6 +196,23 @@ def many_child() -> int:
     return 0
 
 
+FLOOR_PROGRAM = "import asyncio; print(open('/proc/self/status').read())"
+
+
+def interpreter_floor(starts: int) -> dict[str, Any]:
+    """What ``python -c "import asyncio"`` alone costs here: start-to-exit ms and RSS (MiB)."""
+    times: list[float] = []
+    rss_kib = 0
+    for _ in range(starts):
+        began = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", FLOOR_PROGRAM], capture_output=True, text=True, timeout=30)
+        times.append((time.perf_counter() - began) * 1000)
+        for line in done.stdout.splitlines():
+            if line.startswith("VmRSS:"):
+                rss_kib = int(line.split()[1])
+    return {"median_ms": round(statistics.median(times), 1), "rss_mib": round(rss_kib / 1024, 1)}
+
+
 def many_tunnels(control: ControlPlane, info: EmulatorInfo, count: int, timeout: float, root: Path) -> dict[str, Any]:
     tunnels = [control.open_tunnel(SERVICE) for _ in range(count)]
     request = {"data": info.data, "app_port": 9, "timeout": timeout,
@@ -226,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, help="seconds of idle wakeup counting (default 20, quick 3)")
     parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before measuring RSS")
     parser.add_argument("--tunnels", type=int, help="tunnels in one process (default 100, quick 20)")
-    parser.add_argument("--source-template", default=OURS_SOURCE)
-    parser.add_argument("--destination-template", default=OURS_DESTINATION)
+    parser.add_argument("--source-template", default=_rig.OURS_SOURCE)
+    parser.add_argument("--destination-template", default=_rig.OURS_DESTINATION)
     parser.add_argument("--baseline-root", type=Path, help="also measure the proxy of another checkout "
                         "(e.g. a worktree of main) in the same run, as 'base'")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -238,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args.starts = args.starts or (5 if args.quick else 11)
     args.window = args.window or (3.0 if args.quick else 20.0)
     args.tunnels = args.tunnels or (20 if args.quick else 100)
-    has_reference = REFERENCE_BINARY.exists()
+    has_reference = _rig.REFERENCE_BINARY.exists()
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as temp:
@@ -250,14 +265,15 @@ def main(argv: list[str] | None = None) -> int:
             binaries = {"ours": (args.source_template, args.destination_template)}
             if args.baseline_root:
                 chdir = f"env -C {shlex.quote(str(args.baseline_root.resolve()))} "
-                binaries["base"] = (chdir + OURS_SOURCE, chdir + OURS_DESTINATION)
+                binaries["base"] = (chdir + _rig.OURS_SOURCE, chdir + _rig.OURS_DESTINATION)
             if has_reference:
-                binaries["cpp"] = (REFERENCE_SOURCE, REFERENCE_DESTINATION)
+                binaries["cpp"] = (_rig.REFERENCE_SOURCE, _rig.REFERENCE_DESTINATION)
             print("... startup", file=sys.stderr, flush=True)
             times: dict[str, list[float]] = {name: [] for name in binaries}
             for _ in range(args.starts):
                 for name, (source_template, _destination) in binaries.items():
                     times[name].append(startup_ms(control, info, source_template, settings, 30))
+            results["floor"] = interpreter_floor(args.starts)
             for name, samples in times.items():
                 results[f"startup_{name}"] = {"median_ms": round(statistics.median(samples), 1),
                                               "min_ms": round(min(samples), 1), "samples": len(samples)}
@@ -293,6 +309,9 @@ def print_results(results: dict[str, Any], names: list[str]) -> None:
         if values.get("cpp"):
             line += f"  {values['ours'] / values['cpp']:8.2f}x"
         print(line)
+    floor = results["floor"]
+    print(f"floor: python -c 'import asyncio' starts and exits in {floor['median_ms']} ms (median), "
+          f"RSS {floor['rss_mib']} MiB")
     for name in names:
         many = results.get(f"many_tunnels_{name}")
         if many:
