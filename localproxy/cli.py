@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import ssl
 import sys
-from importlib import metadata
 from typing import Sequence
 
 from . import __version__
@@ -19,7 +16,7 @@ from .command import ParsedCommand, parse_command_line
 from .errors import ExitCode, LocalProxyError, UsageError
 from .logs import setup_logging
 from .options import TRY_HELP, help_text
-from .runtime import run_program
+from .runtime import defer_import, run_program
 from .settings import export_settings
 
 __all__ = ["main", "parse_command_line", "ParsedCommand", "version_text"]
@@ -59,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for level, message in parsed.log_messages:
         log.log(level, "%s", message)
     assert parsed.config is not None
+    defer_unused_imports()
     try:
         from .operations import OpsOptions
         from .proxy import run_proxy
@@ -78,10 +76,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.INTERNAL
 
 
+# websockets imports these at start-up (~20 ms and ~2 MiB on a small machine, issue 13)
+# but only uses them in its dev builds (version) and for proxy=True (we pass the proxy).
+DEFERRED_IMPORTS = ("importlib.metadata", "urllib.request")
+
+
+def defer_unused_imports() -> None:
+    """Load :data:`DEFERRED_IMPORTS` only if something uses them (``runtime.defer_import``)."""
+    for name in DEFERRED_IMPORTS:
+        defer_import(name)
+
+
 def version_text() -> str:
     """``localproxy-python X.Y.Z`` then the versions that matter in a bug report."""
+    import platform
+    import ssl
+    from importlib import metadata
+
     parts = [f"python {platform.python_version()}", ssl.OPENSSL_VERSION]
-    for package in ("websockets", "protobuf", "uvloop"):
+    for package in ("websockets", "uvloop"):
         try:
             parts.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:

@@ -24,7 +24,6 @@ import datetime
 import json
 import logging
 import os
-import re
 import sys
 import threading
 from typing import TextIO
@@ -61,39 +60,61 @@ log_tunnel: contextvars.ContextVar[str | None] = contextvars.ContextVar("localpr
 STRUCTURED_FIELDS = ("tunnel", "service", "stream", "connection", "generation", "peer")
 LOG_FORMATS = ("reference", "json")
 
-_secrets: set[str] = set()
-_secrets_pattern: re.Pattern[str] | None = None
+# Longest first, so that a secret containing another is masked whole. Plain
+# search, not one regex of them all: a process with hundreds of proxies
+# registers hundreds of tokens, and each new alternation regex cost a compile
+# and ~100 KiB left in re's cache (benchmarks/bench_footprint.py).
+_secrets: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
 
 
 def register_secret(value: str | None) -> None:
     """Mask ``value`` in every log record and in :func:`redact` from now on."""
-    global _secrets_pattern
+    global _secrets
     if not value:
         return
     with _secrets_lock:
-        if value in _secrets:
-            return
-        _secrets.add(value)
-        # Longest first so that a secret containing another is masked whole.
-        ordered = sorted(_secrets, key=len, reverse=True)
-        _secrets_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        if value not in _secrets:
+            _secrets = tuple(sorted((*_secrets, value), key=len, reverse=True))
 
 
 def forget_secrets() -> None:
     """Forget every registered secret (tests; a process that is done with its tokens)."""
-    global _secrets_pattern
+    global _secrets
     with _secrets_lock:
-        _secrets.clear()
-        _secrets_pattern = None
+        _secrets = ()
 
 
 def redact(text: str) -> str:
     """``text`` with every registered secret replaced by ``<redacted>``."""
-    pattern = _secrets_pattern
-    if pattern is None or not text:
+    secrets = _secrets
+    if not text or not secrets:
         return text
-    return pattern.sub(REDACTED, text)
+    # Spans of every occurrence in the original text, so that a short secret
+    # never matches inside an earlier "<redacted>"; overlapping spans are merged.
+    spans: list[tuple[int, int]] = []
+    for secret in secrets:
+        start = text.find(secret)
+        while start != -1:
+            spans.append((start, start + len(secret)))
+            start = text.find(secret, start + 1)
+    if not spans:
+        return text
+    spans.sort()
+    parts: list[str] = []
+    done = 0
+    end = -1
+    for start, stop in spans:
+        if start >= end:  # a new masked run
+            if end > done:
+                done = end
+            parts.append(text[done:start])
+            parts.append(REDACTED)
+            end = stop
+        else:
+            end = max(end, stop)
+    parts.append(text[max(end, done):])
+    return "".join(parts)
 
 
 def level_for_verbosity(verbosity: int) -> int:
@@ -111,7 +132,7 @@ class RedactingFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _secrets_pattern is None:
+        if not _secrets:
             return True
         try:
             message = record.getMessage()

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import signal
+import sys
+import types
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -37,6 +41,40 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): keep the defaults
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in for a module until one of its attributes is used, then loads it."""
+
+    def __getattr__(self, attribute: str) -> Any:  # only for attributes not set here
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        self.__dict__.update(real.__dict__)  # later uses through this object go straight on
+        return getattr(real, attribute)
+
+
+def defer_import(name: str) -> bool:
+    """Make ``import name`` cheap: the module loads when one of its attributes is first used.
+
+    For modules a dependency imports but a run does not use (start-up time and
+    memory on small devices). ``importlib.util.LazyLoader`` does not do it: the
+    ``import`` statement reads ``__spec__``, which loads a lazy module at once.
+    False if already imported or not found.
+    """
+    if name in sys.modules:
+        return False
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return False
+    stand_in = _DeferredModule(name)
+    stand_in.__spec__ = spec
+    parent, _, child = name.rpartition(".")
+    sys.modules[name] = stand_in
+    if parent:
+        setattr(sys.modules[parent], child, stand_in)
+    return True
 
 
 def run_program(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -289,6 +289,11 @@ def _failure(config: ProxyConfig, exc: Exception, proxy_url: str | None, timeout
     return ConnectionFailedError(f"Cannot connect to {where}: {type(exc).__name__}: {exc}")
 
 
+# One generator for every Backoff: a Random holds 2.5 KiB of state, and a process may
+# run hundreds of proxies (two Backoffs each).
+_SHARED_RNG = random.Random()
+
+
 class Backoff:
     """Reconnect delays: exponential, decorrelated jitter, bounded count (sans-I/O).
 
@@ -316,7 +321,7 @@ class Backoff:
         self.base = base_ms / 1000
         self.cap = max(max_ms, base_ms) / 1000
         self.retry_count = retry_count
-        self._rng = rng or random.Random()
+        self._rng = rng or _SHARED_RNG
         self.reset()
 
     @classmethod

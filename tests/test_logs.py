@@ -118,6 +118,24 @@ def test_redact_replaces_registered_secrets_longest_first() -> None:
     assert redact("nothing secret") == "nothing secret"
 
 
+def test_redact_overlapping_and_short_secrets_never_touch_the_mask() -> None:
+    token = "tok-" + secrets.token_hex(8)
+    register_secret(token)
+    register_secret("e")  # a short proxy password: it must not rewrite "<redacted>"
+    assert redact(f"{token}{token} e.") == f"{REDACTED}{REDACTED} {REDACTED}."
+    overlapping = token[-6:] + "zz"  # overlaps the token's end: one masked run
+    register_secret(overlapping)
+    assert redact(f"x{token}zz y") == f"x{REDACTED} y"
+
+
+def test_hundreds_of_secrets_all_masked() -> None:
+    tokens = [f"tok-{i:03d}-" + secrets.token_hex(8) for i in range(300)]
+    for token in tokens:
+        register_secret(token)
+    text = " ".join(tokens[::-1])
+    assert redact(text) == " ".join([REDACTED] * len(tokens))
+
+
 def test_filter_masks_message_args_and_exceptions(stream: io.StringIO) -> None:
     token = "tok-" + secrets.token_hex(16)
     register_secret(token)
