@@ -46,6 +46,11 @@ class Pacer:
         self._window_start: float | None = None
         self._window_bytes = 0
 
+    @property
+    def slow(self) -> bool:
+        """A rate was measured and it keeps the budget under the largest."""
+        return self.rate is not None and self.budget < self.maximum
+
     def idle(self) -> bool:
         """The sender ran out of data: the link kept up. True when :attr:`budget` changed."""
         self._window_start = None

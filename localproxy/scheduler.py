@@ -35,7 +35,10 @@ QUANTUM = 16 * 1024  # bytes a backlogged flow sends per round (at most the mess
 FLOW_HIGH = 256 * 1024  # stop reading a connection with this much queued...
 FLOW_LOW = 64 * 1024  # ...until it is back under this
 TOTAL_HIGH = 1024 * 1024  # over this in all, stop reading every connection that has bytes queued
-MIN_CHUNK = 256  # don't start a DATA frame with less room than this in a non-empty message
+MIN_CHUNK = 256  # the smallest DATA frame cut to fit a tiny budget
+# No new DATA frame in a message that has less room left than this (unless the rest of
+# the connection's data fits): small tail frames only cost every hop per-frame work.
+MIN_TAIL = 8 * 1024
 
 
 class Framer(Protocol):
@@ -250,7 +253,7 @@ class SendScheduler:
                 sent = size
             else:
                 room = budget - used - framer.overhead
-                if used and room < min(size, MIN_CHUNK):
+                if used and room < min(size, MIN_TAIL):
                     break
                 # Not cut to the deficit: a turn may overdraw it by one frame, and the debt
                 # delays the flow's next turn (fair in bytes, without tiny frames).

@@ -35,6 +35,7 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.p
 
 # Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
 _SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
+_NO_LOWAT = -1  # the kernel's default, UINT_MAX: no mark
 UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent bytes per message
 
 
@@ -50,8 +51,10 @@ def kernel_unsent(sock: Any) -> int:
         return 0
 
 
-def tune_send_buffers(ws: Any, budget: int) -> None:
-    """Let websockets' write buffer and the kernel's unsent bytes hold about ``budget`` each."""
+def tune_send_buffers(ws: Any, budget: int, slow: bool) -> None:
+    """Let websockets' write buffer hold about ``budget``; on a ``slow`` link the kernel's
+    unsent bytes too (``TCP_NOTSENT_LOWAT``). On a fast link the kernel keeps its own
+    limit: it drains in microseconds, and a low mark there costs CPU (more, smaller writes)."""
     transport = ws.transport
     try:
         transport.set_write_buffer_limits(high=budget, low=budget // 4)
@@ -60,8 +63,8 @@ def tune_send_buffers(ws: Any, budget: int) -> None:
     sock = transport.get_extra_info("socket")
     if _NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget)
-        except OSError:  # pragma: no cover - not supported here, or closed
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget if slow else _NO_LOWAT)
+        except (OSError, TypeError, ValueError):  # pragma: no cover - not supported here, or closed
             pass
 
 
@@ -74,7 +77,7 @@ class Sender:
         self.pacer = Pacer()
         self._wakeup = asyncio.Event()
         self._on_resumed = on_resumed
-        tune_send_buffers(ws, self.pacer.budget)
+        tune_send_buffers(ws, self.pacer.budget, False)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
@@ -96,7 +99,7 @@ class Sender:
             while True:
                 if not scheduler:
                     if pacer.idle():
-                        tune_send_buffers(ws, pacer.budget)
+                        tune_send_buffers(ws, pacer.budget, pacer.slow)
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
@@ -106,11 +109,11 @@ class Sender:
                     self._on_resumed(resumed)
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 pacer.sending(clock())  # before any wait: the link's time counts whole
-                if pacer.rate is not None and pacer.budget < pacer.maximum:
-                    await self._wait_kernel(pacer.budget, pacer.rate)
+                if pacer.slow:
+                    await self._wait_kernel(pacer.budget, pacer.rate or 1.0)
                 await ws.send(data)
                 if pacer.sent(len(data), clock()):
-                    tune_send_buffers(ws, pacer.budget)
+                    tune_send_buffers(ws, pacer.budget, pacer.slow)
         except ConnectionClosed:
             pass  # the receive loop sees it too and ends the session
         except Exception:  # noqa: BLE001 - a bug: end the session rather than hang

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from localproxy.codec import FrameDecoder, Message, MessageType
 from localproxy.pacing import Pacer
 from localproxy.receive_policy import ReceiveGate
-from localproxy.scheduler import MIN_CHUNK, SendScheduler
+from localproxy.scheduler import MIN_CHUNK, MIN_TAIL, SendScheduler
 from localproxy.tunnel_actions import DataFramer, control_frame
 
 T = MessageType
@@ -105,6 +105,15 @@ def test_bulk_flows_get_equal_byte_shares() -> None:
             sent[frame.connection_id] += len(frame.payload)
     mean = sum(sent.values()) / 4
     assert all(abs(share - mean) <= 0.1 * mean for share in sent.values()), sent
+
+
+def test_bulk_messages_hold_whole_max_size_frames_without_tiny_tails() -> None:
+    scheduler = SendScheduler()
+    scheduler.push_data(1, "SSH", framer(1), bytes(1 << 20))
+    for _ in range(4):
+        frames = FrameDecoder().feed(b"".join(bytes(p) for p in scheduler.take_message(131076)))
+        assert [len(f.payload) for f in frames] == [MAX_PAYLOAD, MAX_PAYLOAD]
+    assert MIN_TAIL > 131076 - 2 * (MAX_PAYLOAD + framer(1).overhead)
 
 
 def test_a_sparse_flow_goes_in_the_next_message() -> None:

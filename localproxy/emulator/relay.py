@@ -5,8 +5,8 @@
   not read until ``send`` to the other side returns, and ``send`` waits while that
   side's write buffer is above its high-water mark; websockets stops reading the
   sender's socket when its own small receive queue is full.
-- Queue per direction, at most: websockets' receive queue (``max_queue`` = 4
-  messages) + one socket read + the message being paced or sent + the target's
+- Queue per direction, at most: websockets' receive queue (``max_queue`` = 16
+  messages, 2 MiB) + one socket read + the message being paced or sent + the target's
   write buffer (256 KiB). With a bandwidth cap, in front of the pacing: two
   messages read ahead and, when the emulator was capped from its start (its
   connections then use 1400-byte segments), a kernel receive buffer of 10 ms of
@@ -259,7 +259,7 @@ class Relay:
 
     def _bound_capped_queue(self, peer: Peer) -> None:
         """With a cap, keep what waits in front of the pacing small: a small kernel
-        receive buffer and at most two messages read ahead (not four)."""
+        receive buffer and at most two messages read ahead (not sixteen)."""
         rate = self.faults.bytes_per_second
         if rate is None:
             return  # the kernel's autotuning stays on (it cannot be turned back on once off)

@@ -126,7 +126,7 @@ async def start_server(
         compression=None,  # the service negotiates no extension
         open_timeout=None,  # FrontConnection times out request heads itself
         max_size=MAX_WS_MESSAGE,
-        max_queue=4,  # messages read ahead of the relay: a small queue (see relay.py)
+        max_queue=16,  # messages read ahead of the relay (2 of them when capped: see relay.py)
         write_limit=2**18,  # send() waits above 256 KiB buffered: backpressure to the sender
         **kwargs,
     )
