@@ -74,8 +74,13 @@ class TunnelState(TunnelCore):
         return []
 
     def session_lost(self) -> Output:
-        """The websocket is gone: every stream is dead; close every local connection."""
-        out: Output = [Close(key, True) for key in self._connections]
+        """The websocket is gone: every stream is dead; reset every local connection.
+
+        Reset (RST), not closed after a flush: the application must see that its
+        stream broke rather than a clean end, and a socket whose reader stalls
+        must not linger half-dead after the session it belonged to.
+        """
+        out: Output = [Close(key, False) for key in self._connections]
         self._connections.clear()
         self._streams.clear()
         self._held.clear()
