@@ -97,6 +97,11 @@ class KeepaliveConnection(ClientConnection):
     def acknowledge_pings(self, data: bytes) -> None:
         liveness = self.liveness
         if liveness is not None and data in self.pong_waiters:
+            if not liveness.armed:
+                logger.debug(
+                    "Websocket: the service answers pings; %g s of silence will now mean a dead link",
+                    liveness.limit,
+                )
             liveness.pong(self.loop.time())
         super().acknowledge_pings(data)
 
