@@ -39,6 +39,7 @@ __all__ = ["DEAD_AFTER_PERIODS", "KeepaliveConnection", "Liveness"]
 logger = logging.getLogger("localproxy.keepalive")
 
 DEAD_AFTER_PERIODS = 3
+MAX_UNANSWERED_PINGS = 8  # older ones are forgotten (a pong answers every earlier ping anyway)
 
 
 class Liveness:
@@ -123,6 +124,7 @@ class KeepaliveConnection(ClientConnection):
                 return
             if now >= next_ping:
                 next_ping = now + liveness.period
+                self._forget_old_pings()
                 try:
                     await self.ping()  # the pong waiter is not awaited: acknowledge_pings sees it
                 except Exception:  # noqa: BLE001 - closing: the session loop sees why
@@ -130,6 +132,13 @@ class KeepaliveConnection(ClientConnection):
             deadline = liveness.deadline()
             wake = next_ping if deadline is None else min(next_ping, deadline)
             await asyncio.sleep(max(0.0, wake - loop.time()))
+
+    def _forget_old_pings(self) -> None:
+        """A service that never answers would grow websockets' ping table forever."""
+        waiters = self.pong_waiters
+        while len(waiters) >= MAX_UNANSWERED_PINGS:
+            waiter, _ = waiters.pop(next(iter(waiters)))
+            waiter.cancel()
 
 
 def _set_user_timeout(connection: ClientConnection, seconds: float) -> None:

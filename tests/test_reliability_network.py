@@ -24,7 +24,7 @@ from localproxy.codec import Message, MessageType, encode_frame
 from localproxy.config import Mode, ProxyConfig, ServiceEndpoint, SourcePort
 from localproxy.emulator import Emulator
 from localproxy.events import Connected, Disconnected
-from localproxy.keepalive import DEAD_AFTER_PERIODS, Liveness
+from localproxy.keepalive import DEAD_AFTER_PERIODS, MAX_UNANSWERED_PINGS, Liveness
 from localproxy.proxy import LocalProxy
 from localproxy.session import open_session
 from localproxy.settings import Settings
@@ -199,6 +199,7 @@ async def test_a_service_that_never_answered_a_ping_is_not_declared_dead() -> No
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(ws.wait_closed(), 1.5)
             assert ws.dead_reason is None and ws.liveness is not None and not ws.liveness.armed
+            assert 0 < len(ws.pong_waiters) <= MAX_UNANSWERED_PINGS  # unanswered pings do not pile up
         finally:
             ws.transport.abort()
     finally:
