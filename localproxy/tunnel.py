@@ -74,11 +74,10 @@ class TunnelState(TunnelCore):
         return []
 
     def session_lost(self) -> Output:
-        """The websocket is gone: every stream is dead; reset every local connection.
+        """The websocket is gone: every stream is dead; abort every local connection.
 
-        Reset (RST), not closed after a flush: the application must see that its
-        stream broke rather than a clean end, and a socket whose reader stalls
-        must not linger half-dead after the session it belonged to.
+        Aborted at once, not closed after a flush: a socket whose reader stalls
+        must not linger half-dead (up to the flush timeout) after its session.
         """
         out: Output = [Close(key, False) for key in self._connections]
         self._connections.clear()
