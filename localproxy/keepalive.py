@@ -17,8 +17,14 @@ websocket is dead:
   the real service stopped answering after the peer left, this costs one
   reconnect (with the client token, so it works), and the new session starts
   unarmed: no reconnect loop.
-- While the proxy itself does not read the websocket (a slow local reader pauses
-  it), nothing can arrive: that time does not count.
+- Silence this side causes does not count: while the proxy does not read the
+  websocket (a slow local reader pauses it) nothing can arrive; while the
+  service does not take our bytes (backpressure from a slow peer: websockets'
+  write buffer holds data) our ping waits behind them. A link that died under a
+  stalled upload is told from backpressure by the kernel retransmitting
+  (``TCP_INFO``, Linux); elsewhere it is left to TCP's own timeout.
+- No ``TCP_USER_TIMEOUT``: Linux also applies it to a zero window, so it would
+  kill a healthy tunnel whose peer stopped reading for that long.
 
 :class:`Liveness` is sans-I/O; :class:`KeepaliveConnection` is the thin websockets
 adapter (plugged in with ``connect``'s ``create_connection`` hook) that feeds it
@@ -110,12 +116,11 @@ class KeepaliveConnection(ClientConnection):
         assert self.ping_interval is not None
         loop = self.loop
         liveness = self.liveness = Liveness(self.ping_interval, loop.time())
-        _set_user_timeout(self, liveness.limit)
         next_ping = loop.time() + liveness.period
         while True:
             now = loop.time()
-            if not self.transport.is_reading():
-                liveness.received(now)  # paused by the proxy: silence proves nothing
+            if self._silence_is_ours():
+                liveness.received(now)
             reason = liveness.verdict(now)
             if reason is not None:
                 self.dead_reason = reason
@@ -124,14 +129,26 @@ class KeepaliveConnection(ClientConnection):
                 return
             if now >= next_ping:
                 next_ping = now + liveness.period
-                self._forget_old_pings()
-                try:
-                    await self.ping()  # the pong waiter is not awaited: acknowledge_pings sees it
-                except Exception:  # noqa: BLE001 - closing: the session loop sees why
-                    return
+                # Not while our bytes wait to be sent: ping() would block this loop until
+                # they drain (the ping would wait behind them anyway, and they keep
+                # middleboxes from seeing an idle link).
+                if not self.transport.get_write_buffer_size():
+                    self._forget_old_pings()
+                    try:
+                        await self.ping()  # its pong waiter is not awaited: acknowledge_pings sees it
+                    except Exception:  # noqa: BLE001 - closing: the session loop sees why
+                        return
             deadline = liveness.deadline()
             wake = next_ping if deadline is None else min(next_ping, deadline)
             await asyncio.sleep(max(0.0, wake - loop.time()))
+
+    def _silence_is_ours(self) -> bool:
+        """Nothing can be expected from the service now, because of this side."""
+        transport = self.transport
+        if not transport.is_reading():
+            return True  # the proxy paused reading: a slow local reader
+        # The service does not take our bytes (a slow peer): our ping waits behind them.
+        return bool(transport.get_write_buffer_size()) and not _retransmitting(transport)
 
     def _forget_old_pings(self) -> None:
         """A service that never answers would grow websockets' ping table forever."""
@@ -141,18 +158,18 @@ class KeepaliveConnection(ClientConnection):
             waiter.cancel()
 
 
-def _set_user_timeout(connection: ClientConnection, seconds: float) -> None:
-    """TCP_USER_TIMEOUT: the kernel aborts if sent data (our pings) stays unacknowledged.
+def _retransmitting(transport: asyncio.BaseTransport) -> bool:
+    """The kernel is retransmitting unacknowledged data (Linux ``tcpi_retransmits``).
 
-    This also catches a dead first hop before the service ever answered a ping;
-    a middlebox that terminates TCP (a proxy, a load balancer) acks for the
-    service, so the pong rule above is still needed.
+    Backpressure (a zero window) leaves it at 0: the peer acknowledges what it got
+    and answers the window probes. False where ``TCP_INFO`` is not available.
     """
-    sock = connection.transport.get_extra_info("socket")
-    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_INFO", None)
     if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+        return False
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
-    except OSError:  # pragma: no cover - closed under us, or not supported here
-        pass
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, 8)
+    except OSError:
+        return False
+    return len(info) > 2 and info[2] > 0  # struct tcp_info: u8 state, ca_state, retransmits

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import socket
 import time
 from contextlib import AsyncExitStack
 from types import SimpleNamespace
@@ -18,13 +19,14 @@ from typing import Any, AsyncIterator
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from localproxy.codec import Message, MessageType, encode_frame
 from localproxy.config import Mode, ProxyConfig, ServiceEndpoint, SourcePort
 from localproxy.emulator import Emulator
 from localproxy.events import Connected, Disconnected
-from localproxy.keepalive import DEAD_AFTER_PERIODS, MAX_UNANSWERED_PINGS, Liveness
+from localproxy.keepalive import DEAD_AFTER_PERIODS, MAX_UNANSWERED_PINGS, KeepaliveConnection, Liveness
 from localproxy.proxy import LocalProxy
 from localproxy.session import open_session
 from localproxy.settings import Settings
@@ -207,6 +209,42 @@ async def test_a_service_that_never_answered_a_ping_is_not_declared_dead() -> No
             writer.transport.abort()
         server.close()
         await server.wait_closed()
+
+
+async def test_backpressure_from_the_service_is_not_a_dead_link() -> None:
+    """A service that stops reading us (its peer is slow) answers no ping, yet is alive."""
+
+    async def handler(connection: Any) -> None:  # never reads: its small queue fills, then the socket
+        await connection.wait_closed()
+
+    # Small socket buffers on both ends: the stall comes after a few MiB, not after tens.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited by the accepted socket
+    listener.bind(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    async with serve(handler, sock=listener, max_queue=1, compression=None) as server:
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, server.sockets[0].getsockname())
+        ws = await asyncio.wait_for(connect("ws://127.0.0.1/", sock=client, create_connection=KeepaliveConnection,
+                                            ping_interval=0.2, ping_timeout=None, compression=None), TIMEOUT)
+        await wait_for(lambda: ws.liveness is not None and ws.liveness.armed, TIMEOUT)  # pongs came back
+
+        async def upload() -> None:
+            for _ in range(100):  # bounded: 50 MiB, far more than the socket buffers take
+                await ws.send(bytes(512 * 1024))
+
+        sending = asyncio.create_task(upload())
+        try:
+            await wait_for(lambda: ws.transport.get_write_buffer_size() > 0, TIMEOUT)  # stalled
+            with pytest.raises(asyncio.TimeoutError):  # over 3 times the 0.6 s dead-link limit
+                await asyncio.wait_for(ws.wait_closed(), 2.0)
+            assert ws.dead_reason is None and not sending.done()
+        finally:
+            sending.cancel()
+            ws.transport.abort()
+            for connection in server.connections:  # it does not read: it would not see the reset
+                connection.transport.abort()
 
 
 # --- the emulator's idle timeout -----------------------------------------------------------
