@@ -40,7 +40,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-__all__ = ["DEAD_AFTER_PERIODS", "KeepaliveConnection", "Liveness"]
+__all__ = ["DEAD_AFTER_PERIODS", "MAX_UNANSWERED_PINGS", "KeepaliveConnection", "Liveness"]
 
 logger = logging.getLogger("localproxy.keepalive")
 
@@ -98,7 +98,7 @@ class KeepaliveConnection(ClientConnection):
     def data_received(self, data: bytes) -> None:
         liveness = self.liveness
         if liveness is not None:
-            liveness.last_received = self.loop.time()
+            liveness.received(self.loop.time())
         super().data_received(data)
 
     def acknowledge_pings(self, data: bytes) -> None:
