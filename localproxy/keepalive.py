@@ -101,16 +101,16 @@ class KeepaliveConnection(ClientConnection):
             liveness.received(self.loop.time())
         super().data_received(data)
 
-    def acknowledge_pings(self, data: bytes) -> None:
+    def _pong_received(self, pong: asyncio.Future[float]) -> None:
         liveness = self.liveness
-        if liveness is not None and data in self.pong_waiters:
-            if not liveness.armed:
-                logger.debug(
-                    "Websocket: the service answers pings; %g s of silence will now mean a dead link",
-                    liveness.limit,
-                )
-            liveness.pong(self.loop.time())
-        super().acknowledge_pings(data)
+        if liveness is None or pong.cancelled() or pong.exception() is not None:
+            return  # forgotten, or the connection closed
+        if not liveness.armed:
+            logger.debug(
+                "Websocket: the service answers pings; %g s of silence will now mean a dead link",
+                liveness.limit,
+            )
+        liveness.pong(self.loop.time())
 
     async def keepalive(self) -> None:
         assert self.ping_interval is not None
@@ -135,9 +135,10 @@ class KeepaliveConnection(ClientConnection):
                 if not self.transport.get_write_buffer_size():
                     self._forget_old_pings()
                     try:
-                        await self.ping()  # its pong waiter is not awaited: acknowledge_pings sees it
+                        pong = await self.ping()
                     except Exception:  # noqa: BLE001 - closing: the session loop sees why
                         return
+                    pong.add_done_callback(self._pong_received)  # type: ignore[attr-defined]
             deadline = liveness.deadline()
             wake = next_ping if deadline is None else min(next_ping, deadline)
             await asyncio.sleep(max(0.0, wake - loop.time()))
@@ -152,7 +153,10 @@ class KeepaliveConnection(ClientConnection):
 
     def _forget_old_pings(self) -> None:
         """A service that never answers would grow websockets' ping table forever."""
-        waiters = self.pong_waiters
+        # "pong_waiters" up to websockets 15, "pending_pings" since.
+        waiters: dict[bytes, tuple[asyncio.Future[float], float]] = getattr(
+            self, "pending_pings", None
+        ) or getattr(self, "pong_waiters", {})
         while len(waiters) >= MAX_UNANSWERED_PINGS:
             waiter, _ = waiters.pop(next(iter(waiters)))
             waiter.cancel()
