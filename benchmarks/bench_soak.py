@@ -184,7 +184,9 @@ class Soak:
                     print(self.sample(began), flush=True)
                 cutter.cancel()
                 await asyncio.wait_for(asyncio.gather(*workers), OP_TIMEOUT * 2)
-                print(self.sample(began), flush=True)
+                print(self.sample(began), "(clients done)", flush=True)
+                await asyncio.sleep(2)  # let aborted sockets and their tasks finish closing
+                print(self.sample(began), "(settled)", flush=True)
             echo.close()
         return self.report()
 
