@@ -282,7 +282,7 @@ class LocalProxy:
                     engine.apply(actions)
             reason = str(engine.fatal or engine.restart)
         except ConnectionClosed as closed:
-            reason = _close_reason(closed)
+            reason = getattr(ws, "dead_reason", None) or _close_reason(closed)
             # Only a close frame the service sent says so (not one this proxy sent).
             self._replaced = closed.rcvd is not None and bool(_REPLACED_REASON.search(closed.rcvd.reason))
         finally:

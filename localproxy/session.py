@@ -55,6 +55,7 @@ from ._proxy_connect import open_tunnel_socket, proxy_display
 from .advice import rejection_error, sanitize_body
 from .config import ProxyConfig
 from .errors import ConfigError, ConnectionFailedError, LocalProxyError, ProtocolError, UsageError
+from .keepalive import KeepaliveConnection
 from .settings import Settings
 from .tokens import register_secret
 
@@ -195,8 +196,9 @@ async def open_session(
                 user_agent_header=user_agent(),
                 subprotocols=[Subprotocol(settings.subprotocol)],
                 compression=None,
-                # The service may not answer pings before the peer connects (PROTOCOL.md 4.6):
-                # ping to keep NATs/proxies open, but never drop the session for a late pong.
+                # Pings keep NATs and load balancers open; KeepaliveConnection declares the
+                # link dead only once the service answered a ping (PROTOCOL.md 4.6): see keepalive.py.
+                create_connection=KeepaliveConnection,
                 ping_interval=settings.ping_period_ms / 1000 if settings.ping_period_ms > 0 else None,
                 ping_timeout=None,
                 max_size=max(settings.max_frame_size, 131076),

@@ -74,8 +74,12 @@ class TunnelState(TunnelCore):
         return []
 
     def session_lost(self) -> Output:
-        """The websocket is gone: every stream is dead; close every local connection."""
-        out: Output = [Close(key, True) for key in self._connections]
+        """The websocket is gone: every stream is dead; abort every local connection.
+
+        Aborted at once, not closed after a flush: a socket whose reader stalls
+        must not linger half-dead (up to the flush timeout) after its session.
+        """
+        out: Output = [Close(key, False) for key in self._connections]
         self._connections.clear()
         self._streams.clear()
         self._held.clear()

@@ -633,7 +633,7 @@ def test_session_lost_closes_everything_and_forgets_streams() -> None:
     tunnel = source({}, ids=("A", "B"))
     keys = [tunnel.local_opened(s)[0] for s in ("A", "A", "B")]
     out = tunnel.session_lost()
-    assert out == [Close(key, True) for key in keys]
+    assert out == [Close(key, False) for key in keys]  # reset: the stream broke
     assert tunnel.connection_count() == 0 and not tunnel.session_active
     assert tunnel.receive([Message(type=T.DATA, stream_id=1, service_id="A", payload=b"x")]) == []
 
@@ -839,7 +839,7 @@ def test_destination_connection_reset_from_peer() -> None:
 def test_destination_session_lost_then_new_session() -> None:
     tunnel = destination()
     key = of(tunnel.receive([msg(T.STREAM_START, 7, "SSH", 1)]), Connect)[0].key
-    assert tunnel.session_lost() == [Close(key, True)]
+    assert tunnel.session_lost() == [Close(key, False)]
     tunnel.session_started(V3)
     tunnel.receive([service_ids("SSH")])
     assert len(of(tunnel.receive([msg(T.STREAM_START, 1, "SSH", 1)]), Connect)) == 1

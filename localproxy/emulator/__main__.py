@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap each direction of every tunnel at this rate (off by default); the real service "
         f"allows about {SERVICE_BANDWIDTH} (800 kB/s) per tunnel",
     )
+    parser.add_argument(
+        "--idle-timeout", type=float, default=None, metavar="SECONDS",
+        help="abort a websocket that carried no frame and no ping either way for SECONDS, as the service's "
+        "load balancer does after about 60 s (default: off)",
+    )
     parser.add_argument("--demo", action="store_true", help="run the end-to-end demo and exit")
     return parser
 
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be within 0..65535, got {args.port}")
     if not 0 <= args.mqtt_port <= 65535:
         parser.error(f"--mqtt-port must be within 0..65535, got {args.mqtt_port}")
+    if args.idle_timeout is not None and not args.idle_timeout > 0:
+        parser.error(f"--idle-timeout must be a positive number of seconds, got {args.idle_timeout:g}")
     if isinstance(args.mqtt, str) and not args.mqtt.startswith("mqtt://"):
         parser.error(f"--mqtt takes a broker URL mqtt://host:port, got {args.mqtt!r}")
     for path in (args.cert, args.key):
@@ -109,6 +116,7 @@ async def serve(args: argparse.Namespace) -> int:
         mqtt=args.mqtt,
         mqtt_port=args.mqtt_port,
         bandwidth=args.bandwidth,
+        idle_timeout=args.idle_timeout,
     )
     stop = asyncio.Event()
     with stop_on_signals(stop):

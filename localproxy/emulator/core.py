@@ -69,6 +69,7 @@ class Emulator:
         mqtt: bool | str = False,
         mqtt_port: int = 0,
         bandwidth: float | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("give both cert and key, or neither")
@@ -90,7 +91,9 @@ class Emulator:
         )
         self.relay = Relay(self.store, self.events, self.faults)
         self.control = ControlPlane(self.store)
-        self.front = FrontConfig(http_handler=self.control.handle_http)
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive (or None)")
+        self.front = FrontConfig(http_handler=self.control.handle_http, ws_idle_timeout=idle_timeout)
         self.ca_pem_path: Path | None = None
         self.capath: Path | None = None
         self.port = port

@@ -53,6 +53,9 @@ HttpHandler = Callable[[str, str, dict[str, str], bytes], tuple[int, list[tuple[
 @dataclass
 class FrontConfig:
     http_handler: HttpHandler
+    # Seconds after which a websocket that carried no frame (nor ping) either way is
+    # aborted, as the service's load balancer does (~60 s); None: never.
+    ws_idle_timeout: float | None = None
     # Connections not (yet) handed to websockets: closed by the emulator at shutdown.
     unrouted: set[FrontConnection] = field(default_factory=set)
 
@@ -69,6 +72,7 @@ class FrontConnection(ServerConnection):
         self._request: tuple[str, str, str, dict[str, str]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._routed: asyncio.Future[None] = self.loop.create_future()
+        self._last_active = 0.0  # websocket: loop time of the last byte either way
 
     # --- asyncio protocol -----------------------------------------------------
 
@@ -100,6 +104,7 @@ class FrontConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         if self._route == "ws":
+            self._last_active = self.loop.time()
             super().data_received(data)
         elif self._route == "http":
             self._restart_timer(IDLE_TIMEOUT)
@@ -126,6 +131,9 @@ class FrontConnection(ServerConnection):
             self._routed.set_result(None)
             self.front.unrouted.discard(self)
             self._cancel_timer()
+            if self.front.ws_idle_timeout is not None:
+                self._last_active = self.loop.time()
+                self._timer = self.loop.call_later(self.front.ws_idle_timeout, self._check_idle)
             head = bytes(self._buffer)
             self._buffer = bytearray()
             super().data_received(head)
@@ -137,7 +145,23 @@ class FrontConnection(ServerConnection):
             self._buffer = bytearray()
             self._http_feed(head)
 
+    def send_data(self) -> None:
+        if self._route == "ws":
+            self._last_active = self.loop.time()
+        super().send_data()
+
     # --- timers -----------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        limit = self.front.ws_idle_timeout
+        assert limit is not None
+        idle = self.loop.time() - self._last_active
+        if idle < limit:
+            self._timer = self.loop.call_later(limit - idle, self._check_idle)
+            return
+        self._timer = None
+        logger.info("closing websocket (channel %s): idle for %.1f s (--idle-timeout)", self.channel_id, idle)
+        self.transport.abort()
 
     def _timed_out(self) -> None:
         self._timer = None

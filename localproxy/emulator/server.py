@@ -128,6 +128,9 @@ async def start_server(
         max_size=MAX_WS_MESSAGE,
         max_queue=16,  # messages read ahead of the relay (2 of them when capped: see relay.py)
         write_limit=2**18,  # send() waits above 256 KiB buffered: backpressure to the sender
+        # With an idle timeout the emulator sends no pings of its own: they would keep
+        # every websocket busy, hiding an idle link from its "load balancer".
+        ping_interval=None if front.ws_idle_timeout is not None else 20,
         **kwargs,
     )
 
