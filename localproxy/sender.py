@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable
 
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .codec import BytesLike
 from .pacing import Pacer
@@ -35,6 +36,7 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.p
 
 # Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
 _SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
+_OPEN = State.OPEN
 _NO_LOWAT = -1  # the kernel's default, UINT_MAX: no mark
 UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent bytes per message
 
@@ -77,18 +79,51 @@ class Sender:
         self.pacer = Pacer()
         self._wakeup = asyncio.Event()
         self._on_resumed = on_resumed
+        self._idle = False  # the task waits for data: a push may send at once
+        # websockets' sans-I/O protocol and its writer, for sending without a task switch.
+        self._protocol: Any = getattr(ws, "protocol", None)
+        self._write_out = getattr(ws, "send_data", None)
         tune_send_buffers(ws, self.pacer.budget, False)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
         self.scheduler.push_control(frame, key, service_id)
-        self._wakeup.set()
+        self._kick()
 
     def push_data(self, key: int, service_id: str, framer: DataFramer, data: BytesLike) -> bool:
         """Queue a connection's payload; True: stop reading that connection."""
         pause = self.scheduler.push_data(key, service_id, framer, data)
-        self._wakeup.set()
+        self._kick()
         return pause
+
+    def _kick(self) -> None:
+        """Send now if nothing is in the way, else wake the task.
+
+        An idle sender with an empty write buffer on a fast link sends from here:
+        the keystroke of an idle tunnel leaves without waiting one event-loop turn
+        for the task. Anything else (a full buffer to drain, a slow link's pacing,
+        a closing websocket) goes through the task and ``ws.send``.
+        """
+        if not self._idle or self._write_out is None or self.pacer.slow:
+            self._wakeup.set()
+            return
+        ws = self._ws
+        protocol = self._protocol
+        try:
+            if protocol.state is not _OPEN or ws.transport.get_write_buffer_size():
+                self._wakeup.set()
+                return
+            parts = self.scheduler.take_message(self.pacer.budget)
+            resumed = self.scheduler.take_resumed()
+            protocol.send_binary(parts[0] if len(parts) == 1 else b"".join(parts))
+            self._write_out()
+        except Exception:  # noqa: BLE001 - closing under us: the task's ws.send reports it
+            self._wakeup.set()
+            return
+        if resumed:
+            self._on_resumed(resumed)
+        if self.scheduler:
+            self._wakeup.set()
 
     async def _run(self) -> None:
         scheduler = self.scheduler
@@ -101,7 +136,11 @@ class Sender:
                     if pacer.idle():
                         tune_send_buffers(ws, pacer.budget, pacer.slow)
                     self._wakeup.clear()
-                    await self._wakeup.wait()
+                    self._idle = True
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        self._idle = False
                     continue
                 parts = scheduler.take_message(pacer.budget)
                 resumed = scheduler.take_resumed()
