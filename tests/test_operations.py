@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from localproxy.agent.cli import main as agent_main
 from localproxy.cli import main as proxy_main
 from localproxy.codec import MessageType, encode_frame
 from localproxy.command import parse_command_line
@@ -215,6 +214,9 @@ def test_cli_busy_metrics_port_exits_2(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_agent_busy_metrics_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("aiomqtt", reason="needs the mqtt extra")  # absent in tools/test_newest_websockets.py
+    from localproxy.agent.cli import main as agent_main
+
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -134,6 +134,8 @@ async def test_destination_proxy_ready_status_watchdog_stopping_and_metrics(
 
 
 async def test_agent_ready_when_subscribed_and_status_counts_tunnels(notify_socket: NotifySocket) -> None:
+    pytest.importorskip("aiomqtt", reason="needs the mqtt extra")  # absent in tools/test_newest_websockets.py
+    pytest.importorskip("amqtt", reason="needs the mqtt extra")
     async with Emulator(port=0, mqtt=True) as emu:
         app, port = await echo_app()
         assert emu.mqtt_url is not None

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from localproxy.agent import DeviceAgent, ProxyStarted
 from localproxy.codec import Message, MessageType
 from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
 from localproxy.emulator.mqtt import notify_payload
@@ -108,6 +107,9 @@ def test_snapshot_is_frozen_and_independent() -> None:
 
 
 async def test_agent_counts_notifications_by_outcome_and_reason(emulator: Any) -> None:
+    pytest.importorskip("aiomqtt", reason="needs the mqtt extra")  # absent in tools/test_newest_websockets.py
+    from localproxy.agent import DeviceAgent, ProxyStarted
+
     tunnel = emulator.open_tunnel(services=["SSH"])
     async with DeviceAgent("stats-thing", None, {"SSH": SSH}, endpoint=emulator.data_url) as agent:
         started = asyncio.Event()
