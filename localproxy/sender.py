@@ -17,6 +17,11 @@ import struct
 import sys
 from typing import Any, Callable
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
@@ -43,11 +48,9 @@ UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent byte
 
 def kernel_unsent(sock: Any) -> int:
     """The kernel's unsent bytes on ``sock`` (0 where that cannot be known)."""
-    if _SIOCOUTQNSD is None or sock is None:
+    if _SIOCOUTQNSD is None or sock is None or fcntl is None:
         return 0
     try:
-        import fcntl
-
         return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0"))[0])
     except (OSError, ValueError):
         return 0
