@@ -9,11 +9,12 @@ rate at which sends complete while the sender is backlogged and allows about
 ``target_delay`` worth of bytes (between ``minimum`` and ``maximum``) per
 message, in the write buffer and in the kernel (``TCP_NOTSENT_LOWAT``).
 
-Until a slow rate is measured the budget is the largest (a sender that keeps
-up with its connections never measures anything, and small messages would only
-cost CPU); each time the sender runs dry the budget doubles back towards it, as
-a link that drains everything is not the bottleneck. A bulk transfer over a
-slow link keeps the sender busy, so the first window (20 ms) shrinks it.
+It starts at 32 KiB, so a bulk transfer that begins on a slow link does not
+first bury it under a large burst. A sender that keeps up with its connections
+is never busy for a whole window and measures no rate; so when it runs dry
+after sending at least a budget's worth faster than the budget's own rate, the
+budget doubles (up to the largest): on a fast link messages reach 128 KiB after
+two such bursts, where small ones would only cost CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = ["Pacer"]
 
 TARGET_DELAY = 0.004  # seconds of link time the layer below the scheduler may hold
 MINIMUM = 4 * 1024
+START = 32 * 1024
 WINDOW = 0.02  # seconds of continuous sending per rate sample
 SMOOTHING = 0.5  # weight of a new sample in the rate estimate
 
@@ -37,25 +39,32 @@ class Pacer:
         target_delay: float = TARGET_DELAY,
         minimum: int = MINIMUM,
         maximum: int = MAX_WS_MESSAGE,
+        start: int = START,
     ) -> None:
         self.target_delay = target_delay
         self.minimum = minimum
         self.maximum = maximum
         self.rate: float | None = None  # bytes per second while backlogged
-        self.budget = maximum
+        self.budget = max(minimum, min(start, maximum))
         self._window_start: float | None = None
         self._window_bytes = 0
+        self._last_sent = 0.0
 
     @property
     def slow(self) -> bool:
-        """A rate was measured and it keeps the budget under the largest."""
-        return self.rate is not None and self.budget < self.maximum
+        """The budget is under the largest: keep the kernel's unsent bytes near it too."""
+        return self.budget < self.maximum
 
     def idle(self) -> bool:
-        """The sender ran out of data: the link kept up. True when :attr:`budget` changed."""
+        """The sender ran out of data. True when :attr:`budget` changed (it grew: the
+        burst just sent was at least a budget and drained faster than the budget's rate)."""
+        start, sent = self._window_start, self._window_bytes
         self._window_start = None
         self._window_bytes = 0
-        if self.budget >= self.maximum:
+        if start is None or sent < self.budget or self.budget >= self.maximum:
+            return False
+        busy = self._last_sent - start
+        if busy > 0 and sent / busy < self.budget / self.target_delay:
             return False
         self.budget = min(self.maximum, self.budget * 2)
         return True
@@ -72,6 +81,7 @@ class Pacer:
         if start is None:
             return False
         self._window_bytes += size
+        self._last_sent = now
         elapsed = now - start
         if elapsed < WINDOW:
             return False

@@ -86,7 +86,7 @@ class Sender:
         # websockets' sans-I/O protocol and its writer, for sending without a task switch.
         self._protocol: Any = getattr(ws, "protocol", None)
         self._write_out = getattr(ws, "send_data", None)
-        tune_send_buffers(ws, self.pacer.budget, False)
+        tune_send_buffers(ws, self.pacer.budget, self.pacer.slow)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
@@ -151,8 +151,8 @@ class Sender:
                     self._on_resumed(resumed)
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 pacer.sending(clock())  # before any wait: the link's time counts whole
-                if pacer.slow:
-                    await self._wait_kernel(pacer.budget, pacer.rate or 1.0)
+                if pacer.slow and pacer.rate is not None:
+                    await self._wait_kernel(pacer.budget, pacer.rate)
                 await ws.send(data)
                 if pacer.sent(len(data), clock()):
                     tune_send_buffers(ws, pacer.budget, pacer.slow)

@@ -233,8 +233,8 @@ def _joined(items: list[Any]) -> list[Any]:
 
 
 def test_pacer_sizes_the_budget_from_the_drain_rate() -> None:
-    pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076)
-    assert pacer.budget == 131076  # nothing measured yet: no reason to cut messages small
+    pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076, start=32768)
+    assert pacer.budget == 32768 and pacer.slow
     now = 0.0
     for _ in range(50):  # 800 kB/s: 8 KB every 10 ms
         pacer.sending(now)
@@ -249,25 +249,30 @@ def test_pacer_sizes_the_budget_from_the_drain_rate() -> None:
     assert pacer.budget == 131076
 
 
-def test_pacer_ignores_idle_gaps_and_grows_back_when_the_link_keeps_up() -> None:
-    pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076)
+def test_pacer_grows_only_after_bursts_that_drained_fast() -> None:
+    pacer = Pacer(target_delay=0.004, minimum=4096, maximum=131076, start=32768)
     now = 0.0
-    for _ in range(10):  # a small message now and then: the link is not the limit
+    for _ in range(10):  # small messages now and then (a handshake, keystrokes): no evidence
         pacer.sending(now)
         now += 0.0001
         pacer.sent(100, now)
-        pacer.idle()
+        assert not pacer.idle()
         now += 1.0
-    assert pacer.rate is None and pacer.budget == 131076
-    for _ in range(10):  # a slow link, backlogged
+    assert pacer.rate is None and pacer.budget == 32768
+    for _ in range(4):  # 256 KiB drained in 0.2 ms, then dry: a fast link
         pacer.sending(now)
-        now += 0.01
-        pacer.sent(8000, now)
-    assert pacer.budget == 4096
-    assert pacer.idle() and pacer.budget == 8192  # ran dry: doubles back up
-    for _ in range(10):
+        for _ in range(8):
+            now += 0.000025
+            pacer.sent(32768, now)
         pacer.idle()
+        now += 0.01
     assert pacer.budget == 131076
+    slow = Pacer(target_delay=0.004, minimum=4096, maximum=131076, start=32768)
+    slow.sending(now)
+    for _ in range(2):  # 64 KiB in 15 ms (4 MB/s < 32 KiB / 4 ms): not faster than the budget
+        now += 0.0075
+        slow.sent(32768, now)
+    assert not slow.idle() and slow.budget == 32768
 
 
 # --- receive gate ------------------------------------------------------------------------
