@@ -124,7 +124,7 @@ class SendScheduler:
         self.queued += len(frame)
         if key:
             assert service_id is not None, "a connection's frame needs its service"
-            self._push(key, service_id, frame, None)
+            self._push(key, service_id, frame, len(frame), None)
         elif service_id is not None:
             service = self._service(service_id)
             epoch = service.epoch
@@ -141,7 +141,7 @@ class SendScheduler:
         if not size:
             return False
         self.queued += size
-        flow = self._push(key, service_id, data, framer)
+        flow = self._push(key, service_id, data, size, framer)
         if not flow.paused and (flow.size > self.flow_high or self.queued > self.total_high):
             flow.paused = True
             self._paused.add(flow)
@@ -210,13 +210,12 @@ class SendScheduler:
             service = self._services[service_id] = _Service()
         return service
 
-    def _push(self, key: int, service_id: str, payload: BytesLike, framer: Framer | None) -> _Flow:
+    def _push(self, key: int, service_id: str, payload: BytesLike, size: int, framer: Framer | None) -> _Flow:
         flow = self._flows.get(key)
         if flow is None:
             flow = self._flows[key] = _Flow(key, self._service(service_id))
         service = flow.service
         epoch = service.epoch
-        size = len(payload) if framer is None else (payload.nbytes if payload.__class__ is memoryview else len(payload))
         flow.items.append((epoch, size, payload, framer))
         flow.size += size
         service.pending[epoch] = service.pending.get(epoch, 0) + 1

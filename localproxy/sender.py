@@ -116,17 +116,22 @@ class Sender:
             if protocol.state is not _OPEN or ws.transport.get_write_buffer_size():
                 self._wakeup.set()
                 return
-            parts = self.scheduler.take_message(self.pacer.budget)
-            resumed = self.scheduler.take_resumed()
-            protocol.send_binary(parts[0] if len(parts) == 1 else b"".join(parts))
+            protocol.send_binary(self._take())
             self._write_out()
         except Exception:  # noqa: BLE001 - closing under us: the task's ws.send reports it
             self._wakeup.set()
             return
-        if resumed:
-            self._on_resumed(resumed)
         if self.scheduler:
             self._wakeup.set()
+
+    def _take(self) -> bytes:
+        """The next message from the scheduler; connections it has room for again resume."""
+        scheduler = self.scheduler
+        parts = scheduler.take_message(self.pacer.budget)
+        resumed = scheduler.take_resumed()
+        if resumed:
+            self._on_resumed(resumed)
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[return-value]
 
     async def _run(self) -> None:
         scheduler = self.scheduler
@@ -145,11 +150,7 @@ class Sender:
                     finally:
                         self._idle = False
                     continue
-                parts = scheduler.take_message(pacer.budget)
-                resumed = scheduler.take_resumed()
-                if resumed:
-                    self._on_resumed(resumed)
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                data = self._take()
                 pacer.sending(clock())  # before any wait: the link's time counts whole
                 if pacer.slow and pacer.rate is not None:
                     await self._wait_kernel(pacer.budget, pacer.rate)
