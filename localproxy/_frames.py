@@ -106,30 +106,35 @@ class FrameDecoder:
         """Number of buffered bytes of an incomplete frame."""
         return len(self._partial)
 
-    def feed(self, data: BytesLike) -> list[Message]:
-        """Add stream bytes; return the messages of every frame completed by them."""
+    def feed(self, data: BytesLike, start: int = 0, stop: int | None = None) -> list[Message]:
+        """Add stream bytes, ``data[start:stop]``; return the messages of every frame completed by them.
+
+        A range of a ``bytes`` object is read in place (a websocket message inside a
+        received chunk: ``ws_split.py``); payloads are views of ``data``.
+        """
         if self._error is not None:
             raise ProtocolError(f"frame decoder is unusable after an earlier error: {self._error}")
         if data.__class__ is not bytes:
-            data = bytes(data)
+            data = bytes(data[start:stop])
+            start, stop = 0, None
         hot_need, hot_prefix, hot_varint_offset, hot_suffix, hot_suffix_size, hot_unpack, hot_stream_id, hot_fields = (
             self._hot
         )
         hot_head, hot_head_size, hot_payload_end, hot_frame_size = self._hot_frame
-        size = len(data)
+        size = len(data) if stop is None else stop
         # One whole frame with the hot frame's header, nothing buffered: the usual
         # websocket message of a bulk transfer, decoded without the loop's setup.
         if (
-            size == hot_frame_size
-            and data.startswith(hot_head)
-            and (not hot_suffix_size or data.startswith(hot_suffix, hot_payload_end))
+            size - start == hot_frame_size
+            and data.startswith(hot_head, start)
+            and (not hot_suffix_size or data.startswith(hot_suffix, start + hot_payload_end))
             and not self._partial
         ):
             message = _new_object(Message)
             message.type = _DATA
             message.stream_id = hot_stream_id
             message.ignorable = False
-            message.payload = memoryview(data)[hot_head_size:hot_payload_end]
+            message.payload = memoryview(data)[start + hot_head_size : start + hot_payload_end]
             message.service_id, message.connection_id = hot_fields
             message.available_service_ids = ()
             message.has_unknown_fields = False
@@ -137,9 +142,9 @@ class FrameDecoder:
                 self._hot_misses = 0
             return [message]
         hot_misses = self._hot_misses
-        pos = 0
+        pos = start
         if self._partial:
-            frame, pos = self._complete_partial(data)
+            frame, pos = self._complete_partial(data, start, size)
             if frame is None:
                 return []
             messages = self.feed(frame)  # one whole frame: leaves nothing buffered
@@ -223,7 +228,7 @@ class FrameDecoder:
                 if size - pos >= _HEAD_SIZE:
                     length, head, tag, b5, b6, b7, b8 = _unpack_head(data, pos)
                 elif size - pos >= 2:  # near the end: pad a copy of the last few bytes
-                    length, head, tag, b5, b6, b7, b8 = _unpack_head(data[pos:] + _PADDING, 0)
+                    length, head, tag, b5, b6, b7, b8 = _unpack_head(data[pos:size] + _PADDING, 0)
                 else:
                     break
                 end = pos + 2 + length
@@ -263,7 +268,7 @@ class FrameDecoder:
                             if payload_tag_at + 4 <= size:
                                 payload_tag, b5, b6, b7 = _unpack_tag_and_length(data, payload_tag_at)
                             else:  # at the very end of data: pad a copy
-                                payload_tag, b5, b6, b7 = _unpack_tag_and_length(data[payload_tag_at:] + _PADDING, 0)
+                                payload_tag, b5, b6, b7 = _unpack_tag_and_length(data[payload_tag_at:size] + _PADDING, 0)
                             if payload_tag == 0x22:
                                 fields = section
                                 start = payload_tag_at + 2
@@ -335,21 +340,21 @@ class FrameDecoder:
             self._partial = bytearray()
             raise
         if pos < size:
-            self._partial += view[pos:]
+            self._partial += view[pos:size]
         return messages
 
-    def _complete_partial(self, data: bytes) -> tuple[bytes | None, int]:
-        """Add to the buffered frame the bytes it still needs.
+    def _complete_partial(self, data: bytes, start: int, size: int) -> tuple[bytes | None, int]:
+        """Add to the buffered frame the bytes of ``data[start:size]`` it still needs.
 
-        Returns (the whole frame or None while still incomplete, bytes of data used).
+        Returns (the whole frame or None while still incomplete, where data goes on).
         """
         partial = self._partial
-        pos = 0
+        pos = start
         if len(partial) < 2:
-            if not data:
-                return None, 0
-            partial.append(data[0])
-            pos = 1
+            if pos >= size:
+                return None, size
+            partial.append(data[pos])
+            pos += 1
             length = (partial[0] << 8) | partial[1]
             if length > self.max_frame_size:
                 error = _frame_too_large(length, self.max_frame_size)
@@ -357,9 +362,9 @@ class FrameDecoder:
                 self._partial = bytearray()
                 raise error
         need = 2 + ((partial[0] << 8) | partial[1]) - len(partial)
-        if len(data) - pos < need:
-            partial += memoryview(data)[pos:]
-            return None, len(data)
+        if size - pos < need:
+            partial += memoryview(data)[pos:size]
+            return None, size
         partial += memoryview(data)[pos : pos + need]
         frame = bytes(partial)
         partial.clear()

@@ -96,10 +96,13 @@ class KeepaliveConnection(ClientConnection):
         self.dead_reason: str | None = None
 
     def data_received(self, data: bytes) -> None:
+        self.note_received()
+        super().data_received(data)
+
+    def note_received(self) -> None:
         liveness = self.liveness
         if liveness is not None:
             liveness.received(self.loop.time())
-        super().data_received(data)
 
     def _pong_received(self, pong: asyncio.Future[float]) -> None:
         liveness = self.liveness

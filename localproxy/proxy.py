@@ -27,6 +27,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
 from .codec import MAX_FRAME_SIZE, FrameDecoder
 from .config import ProxyConfig
@@ -40,6 +41,7 @@ from .errors import (
 from .events import Connected, Disconnected, ErrorEvent, Event
 from .logs import log_tunnel
 from .proxy_engine import Engine
+from .receiver import Receiver
 from .runtime import stop_on_signals
 from .session import DEFAULT_MAX_DELAY_MS, Backoff, SessionInfo, open_session
 from .stats import ProxyCounters, ProxyStats, tunnel_label
@@ -262,30 +264,22 @@ class LocalProxy:
         self._ws = ws
         reason = "closed"
         self._replaced = False
+        receiver = Receiver(ws, engine, decoder)
         try:
-            await engine.apply_async(tunnel.session_started(info.subprotocol))
-            drained = engine.writers_drained
-            while engine.fatal is None and engine.restart is None:
-                if not drained.is_set():
-                    await drained.wait()  # a local reader is slow: stop reading the websocket
-                message = await ws.recv()
-                if message.__class__ is str:
-                    actions = tunnel.data_error(ProtocolError("The service sent a text websocket frame"))
-                else:
-                    try:
-                        actions = tunnel.receive(decoder.feed(message))
-                    except ProtocolError as error:
-                        actions = tunnel.data_error(error)
-                if engine.needs_async(actions):
-                    await engine.apply_async(actions)
-                else:
-                    engine.apply(actions)
-            reason = str(engine.fatal or engine.restart)
-        except ConnectionClosed as closed:
-            reason = getattr(ws, "dead_reason", None) or _close_reason(closed)
-            # Only a close frame the service sent says so (not one this proxy sent).
-            self._replaced = closed.rcvd is not None and bool(_REPLACED_REASON.search(closed.rcvd.reason))
+            await receiver.start(tunnel.session_started(info.subprotocol))
+            await receiver.done
+            if engine.fatal is not None or engine.restart is not None:
+                reason = str(engine.fatal or engine.restart)
+            else:
+                protocol = ws.protocol
+                reason = getattr(ws, "dead_reason", None) or _close_reason(protocol.close_rcvd, protocol.close_sent)
+                # Only a close frame the service sent says so (not one this proxy sent).
+                rcvd = protocol.close_rcvd
+                self._replaced = rcvd is not None and bool(_REPLACED_REASON.search(rcvd.reason))
+        except ConnectionClosed as closed:  # a send while the session's first actions ran
+            reason = getattr(ws, "dead_reason", None) or _close_reason(closed.rcvd, closed.sent)
         finally:
+            receiver.stop()
             self._ws = None
             engine.session_ended()
             try:
@@ -305,8 +299,8 @@ class LocalProxy:
                 logger.exception("Event subscriber %r failed", callback)
 
 
-def _close_reason(closed: ConnectionClosed) -> str:
-    frame = closed.rcvd or closed.sent
+def _close_reason(rcvd: Close | None, sent: Close | None) -> str:
+    frame = rcvd or sent
     if frame is None:
         return "connection lost"
     return f"code {frame.code}" + (f" ({frame.reason})" if frame.reason else "")

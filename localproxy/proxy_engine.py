@@ -161,7 +161,10 @@ class Engine:
 
     @staticmethod
     def needs_async(actions: list[Any]) -> bool:
-        return any(action.__class__ is Listen or action.__class__ is StopListen for action in actions)
+        for action in actions:  # (a loop: a generator costs more, once per message)
+            if action.__class__ is Listen or action.__class__ is StopListen:
+                return True
+        return False
 
     async def apply_async(self, actions: list[Any]) -> None:
         for action in actions:

@@ -55,7 +55,7 @@ from ._proxy_connect import open_tunnel_socket, proxy_display
 from .advice import rejection_error, sanitize_body
 from .config import ProxyConfig
 from .errors import ConfigError, ConnectionFailedError, LocalProxyError, ProtocolError, UsageError
-from .keepalive import KeepaliveConnection
+from .ws_connection import TunnelConnection
 from .settings import Settings
 from .tokens import register_secret
 
@@ -158,7 +158,7 @@ async def open_session(
     access_token: str,
     client_token: str | None,
     open_timeout: float = DEFAULT_OPEN_TIMEOUT,
-) -> tuple[ClientConnection, SessionInfo]:
+) -> tuple[TunnelConnection, SessionInfo]:
     """Open one websocket to the service; raise a typed LocalProxyError on failure."""
     settings = config.settings
     url = f"{config.endpoint.url}/tunnel?local-proxy-mode={config.mode.value}"
@@ -196,9 +196,10 @@ async def open_session(
                 user_agent_header=user_agent(),
                 subprotocols=[Subprotocol(settings.subprotocol)],
                 compression=None,
-                # Pings keep NATs and load balancers open; KeepaliveConnection declares the
-                # link dead only once the service answered a ping (PROTOCOL.md 4.6): see keepalive.py.
-                create_connection=KeepaliveConnection,
+                # Pings keep NATs and load balancers open; the connection declares the link
+                # dead only once the service answered a ping (PROTOCOL.md 4.6): see keepalive.py.
+                # Data messages go straight to the session's Receiver: ws_connection.py.
+                create_connection=TunnelConnection,
                 ping_interval=settings.ping_period_ms / 1000 if settings.ping_period_ms > 0 else None,
                 ping_timeout=None,
                 max_size=max(settings.max_frame_size, 131076),
@@ -217,6 +218,7 @@ async def open_session(
             raise _failure(config, exc, proxy_url, open_timeout) from exc
         raise
 
+    assert isinstance(ws, TunnelConnection)
     channel_id = ws.response.headers.get("channel-id") if ws.response is not None else None
     info = SessionInfo(subprotocol=ws.subprotocol or "", channel_id=channel_id)
     if info.subprotocol != settings.subprotocol:

@@ -1,0 +1,218 @@
+"""The websocket receive path: WebsocketSplitter (sans-I/O), the decoder's in-place ranges,
+and TunnelConnection against a raw server that sends frames in the handshake's own segment."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import Protocol, Side
+
+from localproxy.codec import FrameDecoder, encode_data_frame
+from localproxy.ws_connection import TunnelConnection
+from localproxy.ws_split import WebsocketSplitter
+
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TIMEOUT = 10.0
+MAX = 1 << 20
+
+
+def ws_frame(opcode: Opcode, data: bytes, fin: bool = True, mask: bool = False) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=mask)
+
+
+def feed_in_pieces(splitter: WebsocketSplitter, stream: bytes, cuts: list[int]) -> list[Any]:
+    out: list[Any] = []
+    previous = 0
+    for cut in sorted(min(cut, len(stream)) for cut in cuts) + [len(stream)]:
+        out += splitter.feed(stream[previous:cut])
+        previous = cut
+    return [("msg", bytes(item[0][item[1] : item[2]])) if isinstance(item, tuple) else ("raw", item) for item in out]
+
+
+# One frame of the stream: (kind, bytes on the wire, what the splitter must return)
+frames = st.one_of(
+    st.binary(max_size=70_000).map(lambda data: ("msg", ws_frame(Opcode.BINARY, data), data)),
+    st.sampled_from([0, 125, 126, 65535, 65536]).map(
+        lambda size: ("msg", ws_frame(Opcode.BINARY, bytes(size)), bytes(size))
+    ),
+    st.binary(max_size=125).map(lambda data: ("raw", ws_frame(Opcode.PING, data), None)),
+    st.binary(max_size=125).map(lambda data: ("raw", ws_frame(Opcode.PONG, data), None)),
+    st.text(max_size=20).map(lambda text: ("raw", ws_frame(Opcode.TEXT, text.encode()), None)),
+    # A fragmented binary message: every frame of it goes to websockets, even a
+    # "plain-looking" final continuation.
+    st.tuples(st.binary(max_size=300), st.binary(max_size=300)).map(
+        lambda parts: ("raw", ws_frame(Opcode.BINARY, parts[0], fin=False) + ws_frame(Opcode.CONT, parts[1]), None)
+    ),
+)
+
+
+@PROPERTY
+@given(st.lists(frames, max_size=8), st.lists(st.integers(0, 300_000), max_size=6))
+def test_split_returns_plain_messages_in_place_and_everything_else_whole(
+    stream_frames: list[tuple[str, bytes, bytes | None]], cuts: list[int]
+) -> None:
+    stream = b"".join(wire for _, wire, _ in stream_frames)
+    splitter = WebsocketSplitter(MAX)
+    got = feed_in_pieces(splitter, stream, cuts)
+    expected: list[tuple[str, bytes]] = []
+    for kind, wire, payload in stream_frames:
+        if kind == "msg":
+            assert payload is not None
+            expected.append(("msg", payload))
+        else:
+            expected.append(("raw", wire))
+    # Raw frames come one by one; join consecutive raw items on both sides to compare.
+    assert _join_raw(got) == _join_raw(expected)
+    assert splitter.pending == 0 and not splitter.passthrough
+
+
+def _join_raw(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    joined: list[tuple[str, bytes]] = []
+    for kind, data in items:
+        if kind == "raw" and joined and joined[-1][0] == "raw":
+            joined[-1] = ("raw", joined[-1][1] + data)
+        else:
+            joined.append((kind, data))
+    return joined
+
+
+def test_each_raw_frame_is_whole() -> None:
+    stream = ws_frame(Opcode.PING, b"p1") + ws_frame(Opcode.BINARY, b"x") + ws_frame(Opcode.PONG, b"p2")
+    got = feed_in_pieces(WebsocketSplitter(MAX), stream, [1, 3, 5])
+    assert got == [("raw", ws_frame(Opcode.PING, b"p1")), ("msg", b"x"), ("raw", ws_frame(Opcode.PONG, b"p2"))]
+
+
+def test_a_message_inside_one_chunk_is_not_copied() -> None:
+    chunk = ws_frame(Opcode.BINARY, b"a" * 300) + ws_frame(Opcode.BINARY, b"b" * 70_000)
+    items = WebsocketSplitter(MAX).feed(chunk)
+    assert [item[0] is chunk for item in items] == [True, True]
+
+
+def test_after_a_close_frame_everything_goes_to_websockets() -> None:
+    close = ws_frame(Opcode.CLOSE, Close(1000, "bye").serialize())
+    after = ws_frame(Opcode.BINARY, b"late")
+    splitter = WebsocketSplitter(MAX)
+    got = feed_in_pieces(splitter, close + after, [len(close) - 1])
+    assert _join_raw(got) == [("raw", close + after)]
+    assert splitter.passthrough
+
+
+@pytest.mark.parametrize("cut", [0, 1, 3, 6, 11])
+def test_an_oversized_frame_goes_to_websockets_from_its_header(cut: int) -> None:
+    before = ws_frame(Opcode.BINARY, b"ok")
+    big = ws_frame(Opcode.BINARY, bytes(200))
+    splitter = WebsocketSplitter(100)
+    got = feed_in_pieces(splitter, before + big, [len(before) + cut])
+    assert got[0] == ("msg", b"ok")
+    assert _join_raw(got[1:]) == [("raw", big)]
+    assert splitter.passthrough
+
+
+def test_masked_and_reserved_bit_frames_go_to_websockets() -> None:
+    masked = ws_frame(Opcode.BINARY, b"masked", mask=True)
+    rsv = bytes([0x82 | 0x40, 3]) + b"rsv"
+    got = feed_in_pieces(WebsocketSplitter(MAX), masked + rsv, [])
+    assert got == [("raw", masked), ("raw", rsv)]
+
+
+@PROPERTY
+@given(st.binary(max_size=50), st.binary(max_size=50), st.lists(st.binary(max_size=3000), min_size=1, max_size=4))
+def test_decoder_reads_a_range_in_place_like_the_bytes_alone(before: bytes, after: bytes, payloads: list[bytes]) -> None:
+    stream = b"".join(b"".join(encode_data_frame(7, 1, payload, "SSH")) for payload in payloads)
+    buffer = before + stream + after
+    in_place = FrameDecoder().feed(buffer, len(before), len(before) + len(stream))
+    assert in_place == FrameDecoder().feed(stream)
+    assert [bytes(message.payload) for message in in_place] == payloads
+
+
+def test_decoder_range_keeps_a_partial_frame_across_ranges() -> None:
+    stream = b"".join(encode_data_frame(3, 1, b"z" * 500, "SSH"))
+    decoder = FrameDecoder()
+    junk = b"\xff" * 5
+    assert decoder.feed(junk + stream[:7] + junk, 5, 12) == []
+    (message,) = decoder.feed(junk + stream[7:] + junk, 5, 5 + len(stream) - 7)
+    assert bytes(message.payload) == b"z" * 500
+
+
+# --- TunnelConnection against a raw server --------------------------------------------------
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.lost = asyncio.Event()
+        self.arrived = asyncio.Event()
+
+    def received(self, buffer: bytes, start: int, stop: int) -> None:
+        self.items.append(bytes(buffer[start:stop]))
+        self.arrived.set()
+
+    def received_text(self) -> None:
+        self.items.append("text")
+        self.arrived.set()
+
+    def connection_lost(self) -> None:
+        self.lost.set()
+
+
+async def _raw_server(after_handshake: bytes, seen: list[Opcode]) -> tuple[asyncio.Server, int]:
+    """A websocket server in 20 lines: the 101 and ``after_handshake`` go out in one write."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))  # fmt: skip
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + after_handshake)  # fmt: skip
+        parser = Protocol(Side.SERVER)
+        try:
+            for _ in range(100):  # what the client sends (a pong, its close), until its close
+                data = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+                if not data:
+                    break
+                parser.receive_data(data)
+                seen.extend(event.opcode for event in parser.events_received() if isinstance(event, Frame))
+                if Opcode.CLOSE in seen:
+                    break
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_frames_sent_with_the_handshake_reach_the_receiver_in_order() -> None:
+    big = os.urandom(200_000)
+    after = (
+        ws_frame(Opcode.BINARY, b"first")
+        + ws_frame(Opcode.PING, b"are you there")
+        + ws_frame(Opcode.BINARY, b"frag-", fin=False)
+        + ws_frame(Opcode.CONT, b"mented")
+        + ws_frame(Opcode.TEXT, b"hello")
+        + ws_frame(Opcode.BINARY, big)
+        + ws_frame(Opcode.CLOSE, Close(1000, "done").serialize())
+        + ws_frame(Opcode.BINARY, b"after close: dropped")
+    )
+    seen: list[Opcode] = []
+    server, port = await _raw_server(after, seen)
+    collector = Collector()
+    async with server:
+        ws = await asyncio.wait_for(
+            connect(f"ws://127.0.0.1:{port}/", create_connection=TunnelConnection, ping_interval=None,
+                    max_size=MAX, compression=None), TIMEOUT)  # fmt: skip
+        assert isinstance(ws, TunnelConnection)
+        ws.attach(collector)
+        await asyncio.wait_for(collector.lost.wait(), TIMEOUT)
+    assert collector.items == [b"first", b"frag-mented", "text", big]
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.reason == "done"
+    assert seen == [Opcode.PONG, Opcode.CLOSE]  # websockets answered the ping and the close
