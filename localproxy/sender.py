@@ -87,9 +87,6 @@ class Sender:
         # for sending without a task switch.
         self._protocol: Any = getattr(ws, "protocol", None)
         self._write_message: Callable[[bytes], None] | None = getattr(ws, "write_message", None)
-        transport = getattr(ws, "transport", None)
-        self._sock = transport.get_extra_info("socket") if transport is not None else None
-        self._unchecked = 0  # bytes sent at once since the kernel's unsent bytes were last asked
         tune_send_buffers(ws, self.pacer.budget, self.pacer.slow)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -121,14 +118,14 @@ class Sender:
             self._wakeup.set()
 
     def _may_send_now(self) -> bool:
-        """May a message skip the task? While the task is idle, websockets' write buffer
-        is empty and, unless the link is known fast (the pacer's budget grew to the
-        largest), the kernel holds less than a budget unsent (else a bulk start on a slow
-        link would fill the kernel's buffer, as fast as it accepts, past the pacer): the
-        keystroke of an idle tunnel leaves without waiting one event-loop turn. Anything
-        else (a buffer to drain, a slow link's pacing, a closing websocket) goes through
-        the task and ``ws.send``. The kernel may so hold up to about 2.5 budgets (half a
-        budget unchecked, a message, and under a budget found there)."""
+        """May a message skip the task? While the task is idle and websockets' write
+        buffer is empty: the keystroke of an idle tunnel leaves without waiting one
+        event-loop turn. Anything else (a buffer to drain, a slow link's pacing, a
+        closing websocket) goes through the task and ``ws.send``. On a link not known
+        fast, ``TCP_NOTSENT_LOWAT`` (the budget) keeps a run of such writes from
+        pouring into the kernel's send buffer: past it the kernel takes no more (bar
+        the rest of its last segment buffer), the write buffer fills, the task takes over.
+        """
         if self._write_message is None:
             return False
         try:
@@ -136,19 +133,10 @@ class Sender:
                 return False
         except Exception:  # noqa: BLE001 - closing under us: the task's ws.send reports it
             return False
-        pacer = self.pacer
-        if pacer.slow and self._unchecked >= pacer.budget // 2:
-            # Asked only every half budget sent this way (a system call per keystroke
-            # would cost more than the rest of this path).
-            unsent = kernel_unsent(self._sock)
-            if unsent >= pacer.budget:
-                return False
-            self._unchecked = unsent
         return True
 
     def _send_now(self, message: bytes) -> None:
         assert self._write_message is not None
-        self._unchecked += len(message)
         try:
             self._write_message(message)
         except Exception:  # noqa: BLE001 - closing under us: the session ends anyway

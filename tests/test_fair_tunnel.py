@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import socket
 import time
 from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator
@@ -231,3 +232,36 @@ async def test_a_stalled_local_reader_is_reset_and_does_not_stop_the_others(
         assert await asyncio.wait_for(fresh, TIMEOUT) > 1 << 20
         stalled_writer.close()
     apps.close()
+
+
+async def test_small_writes_on_a_capped_link_do_not_fill_the_kernel(capped: tuple[Emulator, Apps]) -> None:
+    """An idle sender writes a lone payload at once, skipping its task; an upload in
+    small writes starting on a slow link must not so pour into the kernel's send buffer
+    (as fast as the kernel takes it), where nothing can be reordered."""
+    from localproxy.sender import kernel_unsent
+
+    emulator, apps = capped
+    async with AsyncExitStack() as stack:
+        src = await start_pair(stack, emulator, apps)
+        sock = src._ws.transport.get_extra_info("socket")  # noqa: SLF001 - the buffer under test
+        # A kernel that takes a lot, as on a long link where autotuning grew the buffer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        reader, writer = await asyncio.open_connection("127.0.0.1", src.ports["UP"])
+        chunk = os.urandom(4096)
+        digest = hashlib.sha256()
+        most = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.5
+        for _ in range(100_000):
+            if loop.time() >= deadline:
+                break
+            writer.write(chunk)
+            digest.update(chunk)
+            await writer.drain()
+            await asyncio.sleep(0)  # one 4 KiB write per event-loop turn: the proxy reads it alone
+            most = max(most, kernel_unsent(sock))
+        writer.close()
+        assert await asyncio.wait_for(apps.uploads[-1], TIMEOUT * 2) == digest.hexdigest()
+    # TCP_NOTSENT_LOWAT is the pacer's budget (32 KiB at first) plus at most the rest of one
+    # 64 KiB segment buffer; without it the kernel took 8 MB here.
+    assert 0 < most <= 128 * 1024, f"the kernel held {most} unsent bytes"
