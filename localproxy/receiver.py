@@ -44,7 +44,7 @@ class Receiver:
         self._held = True  # until start()
         self._dropping = False  # done: nothing more is taken
         self._task: asyncio.Task[None] | None = None
-        ws.transport.pause_reading()
+        self._pause()
         ws.attach(self)
 
     async def start(self, actions: list[Any]) -> None:
@@ -124,9 +124,14 @@ class Receiver:
         engine = self.engine
         return engine.fatal is not None or engine.restart is not None or not engine.writers_drained.is_set()
 
+    def _pause(self) -> None:
+        transport = self.ws.transport
+        if not transport.is_closing():
+            transport.pause_reading()
+
     def _hold(self, actions: list[Any] | None) -> None:
         self._held = True
-        self.ws.transport.pause_reading()
+        self._pause()
         self._task = asyncio.get_running_loop().create_task(self._catch_up(actions))
 
     async def _catch_up(self, actions: list[Any] | None) -> None:
@@ -147,7 +152,9 @@ class Receiver:
                 if not queue:
                     self._held = False
                     self._task = None
-                    self.ws.transport.resume_reading()
+                    transport = self.ws.transport
+                    if not transport.is_closing():
+                        transport.resume_reading()
                     return
                 actions = self._process(queue.popleft())
         except asyncio.CancelledError:
