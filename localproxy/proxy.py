@@ -35,7 +35,6 @@ from .errors import (
     ConnectionFailedError,
     HandshakeRejectedError,
     LocalProxyError,
-    ProtocolError,
     ServiceUnavailableError,
 )
 from .events import Connected, Disconnected, ErrorEvent, Event

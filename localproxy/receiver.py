@@ -63,40 +63,22 @@ class Receiver:
     # --- from TunnelConnection ---------------------------------------------------------
 
     def received(self, buffer: bytes, start: int, stop: int) -> None:
-        if self._held:
-            if not self._dropping:
-                self._queue.append((buffer, start, stop))
-            return
-        # One message, inline (the hot path: _process and _must_hold written out).
-        engine = self.engine
-        try:
-            try:
-                actions = engine.tunnel.receive(self.decoder.feed(buffer, start, stop))
-            except ProtocolError as error:
-                actions = engine.tunnel.data_error(error)
-            if engine.needs_async(actions):
-                self._hold(actions)
-                return
-            engine.apply(actions)
-            if engine.fatal is not None or engine.restart is not None or not engine.writers_drained.is_set():
-                self._hold(None)
-        except Exception as error:  # noqa: BLE001 - a bug: the session task raises it
-            self._finish(error)
+        self._arrived((buffer, start, stop))
 
     def received_text(self) -> None:
-        if self._held:
-            if not self._dropping:
-                self._queue.append(None)
-            return
-        self._take(None)
+        self._arrived(None)
 
     def connection_lost(self) -> None:
         self._finish(None)
 
     # --- internals -----------------------------------------------------------------------
 
-    def _take(self, item: _Item) -> None:
-        """One message, inline; hold if it must wait or what it did says so."""
+    def _arrived(self, item: _Item) -> None:
+        """One message: queued while held, else run inline (then hold if it must wait)."""
+        if self._held:
+            if not self._dropping:
+                self._queue.append(item)
+            return
         try:
             actions = self._process(item)
             if actions is not None or self._must_hold():

@@ -118,11 +118,7 @@ class TunnelConnection(KeepaliveConnection):
             if item.__class__ is tuple:
                 # After a close frame or a protocol error websockets drops data frames.
                 if protocol.state is _OPEN:
-                    receiver = self.receiver
-                    if receiver is not None:
-                        receiver.received(*item)
-                    else:
-                        self._early.append(item)
+                    self._deliver(*item)
             else:
                 ClientConnection.data_received(self, item)  # type: ignore[arg-type]
 
