@@ -265,8 +265,11 @@ def run_interactive(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         children.append(echo_apps)
         ports = {**ports, "echo": echo_ports["echo"]}
         links = []
+        wanted = args.links.split(",")
         for label, cap in (("uncapped", None), ("capped", args.cap)):
-            emulator, info = start_emulator(log_dir, False, cap)
+            if label not in wanted:
+                continue
+            emulator, info = start_emulator(log_dir, False, cap, args.autotuned_buffers)
             children.append(emulator)
             links.append((label, info, ControlPlane(info)))
         settings = write_settings(log_dir / "settings.json", max_connections=128)

@@ -169,8 +169,11 @@ class EmulatorInfo:
     capath: str | None
 
 
-def start_emulator(log_dir: Path, tls: bool, bandwidth: float | None = None) -> tuple[Child, EmulatorInfo]:
+def start_emulator(log_dir: Path, tls: bool, bandwidth: float | None = None,
+                   autotuned_buffers: bool = False) -> tuple[Child, EmulatorInfo]:
     argv = [sys.executable, "-m", "localproxy.emulator", "--port", "0", "-v", "3"]
+    if autotuned_buffers:
+        argv.append("--autotuned-buffers")
     if tls:
         argv += ["--tls", "--ca-out", str(log_dir / "ca")]
     if bandwidth:

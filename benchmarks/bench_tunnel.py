@@ -110,7 +110,7 @@ class Bench:
     # --- set-up ------------------------------------------------------------------
 
     def start(self) -> None:
-        self.emulator, self.info = start_emulator(self.log_dir, self.args.tls)
+        self.emulator, self.info = start_emulator(self.log_dir, self.args.tls, autotuned_buffers=self.args.autotuned_buffers)
         self.apps, self.ports = start_apps(self.log_dir)
         self.control = ControlPlane(self.info)
 
@@ -304,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                         "uncapped, and fairness (see _interactive.py)")
     parser.add_argument("--cap", type=float, default=800_000, help="interactive: the capped link, bytes/s per "
                         "direction (default 800000, the service's figure)")
+    parser.add_argument("--autotuned-buffers", action="store_true", help="run the emulator with "
+                        "--autotuned-buffers (the kernel's socket buffers, megabytes per direction)")
+    parser.add_argument("--links", default="uncapped,capped", help="interactive: which links to measure "
+                        "(comma-separated: uncapped, capped)")
     parser.add_argument("--warmup", type=float, default=2.0, help="interactive: seconds of bulk before probing")
     parser.add_argument("--window", type=float, default=5.0, help="interactive: seconds of probing")
     parser.add_argument("--with-reference", action="store_true",

@@ -42,7 +42,6 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.p
 # Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
 _SIOCOUTQNSD = 0x894B if sys.platform.startswith("linux") else None
 _OPEN = State.OPEN
-_NO_LOWAT = -1  # the kernel's default, UINT_MAX: no mark
 UNSENT_POLLS = 200  # at most this many short waits for the kernel's unsent bytes per message
 
 
@@ -56,10 +55,12 @@ def kernel_unsent(sock: Any) -> int:
         return 0
 
 
-def tune_send_buffers(ws: Any, budget: int, slow: bool) -> None:
-    """Let websockets' write buffer hold about ``budget``; on a ``slow`` link the kernel's
-    unsent bytes too (``TCP_NOTSENT_LOWAT``). On a fast link the kernel keeps its own
-    limit: it drains in microseconds, and a low mark there costs CPU (more, smaller writes)."""
+def tune_send_buffers(ws: Any, budget: int) -> None:
+    """Let websockets' write buffer and the kernel's unsent bytes (``TCP_NOTSENT_LOWAT``)
+    hold about ``budget`` each. On a fast link too: the kernel's send buffer drains in
+    microseconds only while the far end keeps up; when it does not (a busy relay or
+    receiving proxy), the kernel grows it to megabytes (measured: 4 MB) that a keystroke
+    then waits behind. The mark costs ~0.05-0.1 CPU-s/GiB in bulk (more, smaller writes)."""
     transport = ws.transport
     try:
         transport.set_write_buffer_limits(high=budget, low=budget // 4)
@@ -68,7 +69,7 @@ def tune_send_buffers(ws: Any, budget: int, slow: bool) -> None:
     sock = transport.get_extra_info("socket")
     if _NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget if slow else _NO_LOWAT)
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget)
         except (OSError, TypeError, ValueError):  # pragma: no cover - not supported here, or closed
             pass
 
@@ -87,7 +88,7 @@ class Sender:
         # for sending without a task switch.
         self._protocol: Any = getattr(ws, "protocol", None)
         self._write_message: Callable[[bytes], None] | None = getattr(ws, "write_message", None)
-        tune_send_buffers(ws, self.pacer.budget, self.pacer.slow)
+        tune_send_buffers(ws, self.pacer.budget)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def push_control(self, frame: bytes, key: int, service_id: str | None) -> None:
@@ -121,10 +122,10 @@ class Sender:
         """May a message skip the task? While the task is idle and websockets' write
         buffer is empty: the keystroke of an idle tunnel leaves without waiting one
         event-loop turn. Anything else (a buffer to drain, a slow link's pacing, a
-        closing websocket) goes through the task and ``ws.send``. On a link not known
-        fast, ``TCP_NOTSENT_LOWAT`` (the budget) keeps a run of such writes from
-        pouring into the kernel's send buffer: past it the kernel takes no more (bar
-        the rest of its last segment buffer), the write buffer fills, the task takes over.
+        closing websocket) goes through the task and ``ws.send``. ``TCP_NOTSENT_LOWAT``
+        (the budget) keeps a run of such writes from pouring into the kernel's send
+        buffer: past it the kernel takes no more (bar the rest of its last segment
+        buffer), the write buffer fills, the task takes over.
         """
         if self._write_message is None:
             return False
@@ -160,7 +161,7 @@ class Sender:
             while True:
                 if not scheduler:
                     if pacer.idle():
-                        tune_send_buffers(ws, pacer.budget, pacer.slow)
+                        tune_send_buffers(ws, pacer.budget)
                     self._wakeup.clear()
                     self._idle = True
                     try:
@@ -174,7 +175,7 @@ class Sender:
                     await self._wait_kernel(pacer.budget, pacer.rate)
                 await ws.send(data)
                 if pacer.sent(len(data), clock()):
-                    tune_send_buffers(ws, pacer.budget, pacer.slow)
+                    tune_send_buffers(ws, pacer.budget)
         except ConnectionClosed:
             pass  # the receive loop sees it too and ends the session
         except Exception:  # noqa: BLE001 - a bug: end the session rather than hang

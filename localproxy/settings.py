@@ -49,6 +49,7 @@ class Settings:
     # Ours (not in the reference; read from --settings-json, not exported): see receive_policy.py.
     receive_budget_bytes: int = 4 * 1024 * 1024
     stalled_reader_timeout_ms: int = 10_000
+    ws_socket_receive_buffer: int = 0  # SO_RCVBUF of the websocket; 0: the kernel's autotuning (see session.py)
     region_endpoint_overrides: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict(_DEFAULT_OVERRIDES))
     )
@@ -82,6 +83,7 @@ EXTRA_SETTING_KEYS: Mapping[str, str] = MappingProxyType(
     {
         "tunneling.proxy.tcp.receive_budget_bytes": "receive_budget_bytes",
         "tunneling.proxy.tcp.stalled_reader_timeout_ms": "stalled_reader_timeout_ms",
+        "tunneling.proxy.websocket.socket_receive_buffer_bytes": "ws_socket_receive_buffer",
     }
 )
 REGION_OVERRIDES_PREFIX = "tunneling.proxy.region_endpoint_overrides."
@@ -104,11 +106,13 @@ _INT_MINIMUMS: Mapping[str, int] = MappingProxyType(
         "ws_read_buffer_size": 1,
         "receive_budget_bytes": 65536,
         "stalled_reader_timeout_ms": 0,  # 0: never reset a stalled reader
+        "ws_socket_receive_buffer": 0,  # 0: the kernel's autotuning
     }
 )
 _INT_MAXIMUMS: Mapping[str, int] = MappingProxyType(
     {"data_length_size": 2, "max_payload_size": 64512}  # protocol limits (PROTOCOL.md 3)
 )
+_MIN_SOCKET_BUFFER = 65536
 _BOOL_ATTRIBUTES = frozenset({"reconnect_on_data_error"})
 _HOST_PATTERN = re.compile(r"^[a-zA-Z0-9.:\[\]-]+$")
 _REGION_PATTERN = re.compile(r"^[a-z0-9-]+$")
@@ -238,6 +242,9 @@ def _parse_value(attribute: str, raw: Any, key: str, source: str) -> Any:
     if number < minimum or (maximum is not None and number > maximum):
         limit = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
         raise bad(f"must be {limit}")
+    if attribute == "ws_socket_receive_buffer" and 0 < number < _MIN_SOCKET_BUFFER:
+        # A window of a few segments stalls TCP (loopback's segments are 64 KiB).
+        raise bad(f"must be 0 (the kernel's autotuning) or at least {_MIN_SOCKET_BUFFER}")
     return number
 
 

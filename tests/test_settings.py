@@ -125,6 +125,14 @@ def test_dotted_keys_are_accepted() -> None:
     assert settings.retry_delay_ms == 100
 
 
+def test_socket_receive_buffer_is_ours_zero_means_autotuning() -> None:
+    assert Settings().ws_socket_receive_buffer == 0  # the kernel's autotuning unless asked
+    for value, expected in (("0", 0), ("1048576", 1 << 20), (65536, 65536)):
+        settings, warnings = settings_from_tree({"tunneling.proxy.websocket.socket_receive_buffer_bytes": value})
+        assert (settings.ws_socket_receive_buffer, warnings) == (expected, [])
+    assert "socket_receive_buffer" not in json.dumps(settings_to_tree(Settings()))  # not exported
+
+
 def test_unknown_keys_warn_not_fail() -> None:
     settings, warnings = settings_from_tree(
         {"tunneling": {"proxy": {"tcp": {"write_buffer_size": "1", "bogus": "x"}}}}, source="f.json"
@@ -150,6 +158,8 @@ def test_unknown_keys_warn_not_fail() -> None:
         ("tunneling.proxy.message.data_length_size", "4"),
         ("tunneling.proxy.default_bind_address", "bad host"),
         ("tunneling.proxy.region_endpoint_overrides.cn-north-1", 5),
+        ("tunneling.proxy.websocket.socket_receive_buffer_bytes", "4096"),  # would stall TCP
+        ("tunneling.proxy.websocket.socket_receive_buffer_bytes", -1),
     ],
 )
 def test_bad_values_are_usage_errors_naming_the_key(key: str, value: object) -> None:

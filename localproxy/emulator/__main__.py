@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"allows about {SERVICE_BANDWIDTH} (800 kB/s) per tunnel",
     )
     parser.add_argument(
+        "--autotuned-buffers", action="store_true",
+        help="let the kernel autotune the relay's socket buffers (megabytes queued per direction; ~10%% more "
+        "bulk throughput on loopback) instead of bounding each direction's queue to about 1.2 MiB",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=None, metavar="SECONDS",
         help="abort a websocket that carried no frame and no ping either way for SECONDS, as the service's "
         "load balancer does after about 60 s (default: off)",
@@ -117,6 +122,7 @@ async def serve(args: argparse.Namespace) -> int:
         mqtt_port=args.mqtt_port,
         bandwidth=args.bandwidth,
         idle_timeout=args.idle_timeout,
+        autotuned_buffers=args.autotuned_buffers,
     )
     stop = asyncio.Event()
     with stop_on_signals(stop):

@@ -70,6 +70,7 @@ class Emulator:
         mqtt_port: int = 0,
         bandwidth: float | None = None,
         idle_timeout: float | None = None,
+        autotuned_buffers: bool = False,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("give both cert and key, or neither")
@@ -90,6 +91,7 @@ class Emulator:
             on_opened=lambda tunnel: self.events.emit("tunnel_opened", tunnel.tunnel_id),
         )
         self.relay = Relay(self.store, self.events, self.faults)
+        self.relay.bounded_buffers = not autotuned_buffers
         self.control = ControlPlane(self.store)
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive (or None)")

@@ -5,14 +5,23 @@
   not read until ``send`` to the other side returns, and ``send`` waits while that
   side's write buffer is above its high-water mark; websockets stops reading the
   sender's socket when its own small receive queue is full.
-- Queue per direction, at most: websockets' receive queue (``max_queue`` = 16
-  messages, 2 MiB) + one socket read + the message being paced or sent + the target's
-  write buffer (256 KiB). With a bandwidth cap, in front of the pacing: two
-  messages read ahead and, when the emulator was capped from its start (its
-  connections then use 1400-byte segments), a kernel receive buffer of 10 ms of
-  the cap (at least 8 KiB): what waits for the cap waits in the sending proxy,
-  which can reorder it. (A cap set later keeps the kernel's autotuned buffer: a
-  small window with loopback's 64 KiB segments stalls TCP for seconds.)
+- Queue per direction, at most: the sending side's kernel receive buffer
+  (``RECEIVE_BUFFER``: 512 KiB as SO_RCVBUF, which the kernel doubles, so up to
+  ~1 MiB unread) + websockets' read-ahead (``READ_AHEAD`` = 4 messages, 512 KiB) +
+  the message being paced or sent + the target's write buffer (websockets'
+  ``write_limit``, 32 KiB) + the kernel's unsent bytes to the target
+  (``UNSENT_BUFFER``, 128 KiB with ``TCP_NOTSENT_LOWAT``, plus the rest of one
+  segment buffer): about 1.7 MiB, ~2 ms at loopback speed. The kernel would otherwise
+  autotune both socket buffers to megabytes each (measured: a full path held 8.7 MB
+  instead of 2.2 MB, tests/test_bounded_path.py; echo p99 beside a bulk transfer
+  20-40 ms instead of 7-9); ``bounded_buffers = False``
+  (``--autotuned-buffers``) restores that, for ~10% more bulk throughput on loopback.
+  With a bandwidth cap, in front of the pacing: two messages read ahead and, when
+  the emulator was capped from its start (its connections then use 1400-byte
+  segments), a kernel receive buffer of 10 ms of the cap (at least 8 KiB): what
+  waits for the cap waits in the sending proxy, which can reorder it. (A cap set
+  later keeps the larger buffer: a small window with loopback's 64 KiB segments
+  stalls TCP for seconds.)
 - Absent peer: like the real service, data for a side that is not connected is
   dropped (counted in a ``dropped`` event), never buffered.
 - A new valid peer in the same side replaces the old one (closed with 1000,
@@ -48,6 +57,15 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
+
+# Per direction, uncapped (see the module docstring): the kernel receive buffer of the
+# sending side's socket (SO_RCVBUF; the kernel doubles it for its bookkeeping), the
+# messages websockets reads ahead of the relay, the kernel's unsent bytes to the
+# receiving side (TCP_NOTSENT_LOWAT).
+RECEIVE_BUFFER = 512 * 1024
+READ_AHEAD = 4
+UNSENT_BUFFER = 128 * 1024
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 
 def other(side: Side) -> Side:
@@ -93,6 +111,8 @@ class Relay:
         # Set by the emulator when its connections have real-network segment sizes: only
         # then may a capped peer's kernel receive buffer be made small (see Emulator.start).
         self.shrink_receive_buffers = False
+        # False: the kernel autotunes each peer's socket buffers (megabytes per direction).
+        self.bounded_buffers = True
 
     # --- queries --------------------------------------------------------------
 
@@ -133,7 +153,7 @@ class Relay:
                 streams = self._unregister(old, "replaced by a new connection", replaced=True)
             self._peers[key] = peer
             peer.current = True
-            self._bound_capped_queue(peer)
+            self._bound_queue(peer)
             self.store.set_connected(peer.tunnel_id, peer.side, True)
             logger.info(
                 "tunnel %s: %s connected (%s, channel %s)", peer.tunnel_id, peer.side, admission.subprotocol, channel_id
@@ -255,23 +275,32 @@ class Relay:
 
     def bandwidth_changed(self) -> None:
         for peer in self._peers.values():
-            self._bound_capped_queue(peer)
+            self._bound_queue(peer)
 
-    def _bound_capped_queue(self, peer: Peer) -> None:
-        """With a cap, keep what waits in front of the pacing small: a small kernel
-        receive buffer and at most two messages read ahead (not sixteen)."""
+    def _bound_queue(self, peer: Peer) -> None:
+        """Keep what waits on each side of the relay small (see the module docstring)."""
         rate = self.faults.bytes_per_second
-        if rate is None:
+        if rate is not None:
+            read_ahead = (1, 0)  # in front of the pacing: two messages, not sixteen
+            rcvbuf = capped_rcvbuf(rate) if self.shrink_receive_buffers else None
+        elif self.bounded_buffers:
+            read_ahead = (READ_AHEAD - 1, 1)
+            rcvbuf = RECEIVE_BUFFER
+        else:
             return  # the kernel's autotuning stays on (it cannot be turned back on once off)
         assembler = getattr(peer.ws, "recv_messages", None)
         if assembler is not None and getattr(assembler, "high", None) is not None:
-            assembler.high, assembler.low = 1, 0
+            assembler.high, assembler.low = read_ahead
         sock = peer.ws.transport.get_extra_info("socket")
-        if sock is not None and self.shrink_receive_buffers:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, capped_rcvbuf(rate))
-            except OSError:  # pragma: no cover - closed meanwhile
-                pass
+        if sock is None:
+            return
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if self.bounded_buffers and _NOTSENT_LOWAT is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, UNSENT_BUFFER)
+        except OSError:  # pragma: no cover - closed meanwhile
+            pass
 
     async def wait_idle(self) -> None:
         """Let spawned closes finish (used at shutdown)."""
