@@ -28,14 +28,13 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 from websockets.protocol import State
 
 from .keepalive import KeepaliveConnection
-from .ws_split import WebsocketSplitter
+from .ws_split import WebsocketSplitter, message_size_limit
 
 __all__ = ["MessageReceiver", "TunnelConnection"]
 
 _OPEN = State.OPEN
 _CONNECTING = State.CONNECTING
 _DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
-_NO_LIMIT = 1 << 63
 _TEXT = None  # in the early queue: a text message
 _MASK_POOL = 4096  # bytes of os.urandom per refill (1024 masks: one getrandom call)
 _pack_head16 = struct.Struct("!BBH").pack
@@ -164,17 +163,11 @@ class TunnelConnection(KeepaliveConnection):
         ClientConnection.data_received(self, data[:cut])
         rest = data[cut:]
         if self.protocol.state is _OPEN:
-            self._splitter = WebsocketSplitter(self._max_size())
+            self._splitter = WebsocketSplitter(message_size_limit(self.protocol))
             if rest:
                 self.data_received(rest)
         elif rest:  # a refusal's body, or whatever follows a bad response
             ClientConnection.data_received(self, rest)
-
-    def _max_size(self) -> int:
-        protocol = self.protocol
-        # "max_size" up to websockets 15, "max_message_size" since.
-        limit = getattr(protocol, "max_message_size", None) or getattr(protocol, "max_size", None)
-        return int(limit) if limit else _NO_LIMIT
 
     def _deliver(self, buffer: bytes, start: int, stop: int) -> None:
         receiver = self.receiver

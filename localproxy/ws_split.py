@@ -13,11 +13,23 @@ own parser, which is so always fed at a frame boundary and keeps doing what it
 does: answer pings, run the close handshake, reject protocol errors. After a
 close frame, or a frame over ``max_size`` (websockets rejects it after reading
 its header), everything goes to websockets unsplit.
+
+With ``masked=True`` (a server reading a client, as the emulator does) the plain
+frame is a *masked* one instead, and its payload comes back unmasked: a new
+``bytes`` (the one copy unmasking needs); an unmasked frame goes to websockets,
+which refuses it.
 """
 
 from __future__ import annotations
 
-__all__ = ["Message", "WebsocketSplitter"]
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
+from typing import Any
+
+__all__ = ["Message", "WebsocketSplitter", "message_size_limit"]
 
 Message = tuple[bytes, int, int]  # (buffer, start, stop) of one binary message's payload
 
@@ -27,6 +39,14 @@ _OP_TEXT = 0x1
 _OP_BINARY = 0x2
 _OP_CLOSE = 0x8
 _MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (mask)
+_NO_LIMIT = 1 << 63
+
+
+def message_size_limit(protocol: Any) -> int:
+    """The largest message websockets' ``protocol`` accepts (its ``max_size``)."""
+    # "max_size" up to websockets 15, "max_message_size" since.
+    limit = getattr(protocol, "max_message_size", None) or getattr(protocol, "max_size", None)
+    return int(limit) if limit else _NO_LIMIT
 
 
 def _header(data: bytes, pos: int, size: int) -> tuple[int, int] | None:
@@ -59,10 +79,12 @@ class WebsocketSplitter:
     into ``bytes`` objects that are never changed afterwards.
     """
 
-    __slots__ = ("max_size", "passthrough", "_fragmented", "_pieces", "_have", "_total", "_head")
+    __slots__ = ("max_size", "masked", "passthrough", "_fragmented", "_pieces", "_have", "_total", "_head", "_mask_bit")
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, *, masked: bool = False) -> None:
         self.max_size = max_size
+        self.masked = masked
+        self._mask_bit = 0x80 if masked else 0  # the MASK bit a plain frame has
         self.passthrough = False  # everything goes to websockets from now on
         self._fragmented = False  # inside a fragmented message (websockets assembles it)
         self._pieces: list[bytes | memoryview] = []  # an incomplete frame's bytes so far
@@ -88,28 +110,37 @@ class WebsocketSplitter:
                     out.append(data[pos:])
                 return out
         max_size = self.max_size
+        mask_bit = self._mask_bit
         fragmented = self._fragmented
         while pos < size:
             # The usual frame, inline: binary, final, unmasked, 16- or 64-bit length.
             first = data[pos]
             second = data[pos + 1] if pos + 1 < size else 0xFF
-            if first == _PLAIN_BINARY and second < 0x80 and not fragmented:
-                if second < 126:
-                    head, length = 2, second
-                elif second == 126 and size - pos >= 4:
+            if first == _PLAIN_BINARY and second & 0x80 == mask_bit and not fragmented and pos + 1 < size:
+                short = second & 0x7F
+                if short < 126:
+                    head, length = 2, short
+                elif short == 126 and size - pos >= 4:
                     head, length = 4, (data[pos + 2] << 8) | data[pos + 3]
                 else:
                     parsed = _header(data, pos, size)
                     if parsed is None:
                         break
                     head, length = parsed
+                    head -= 4 if mask_bit else 0
                 if length <= max_size:
-                    stop = pos + head + length
+                    stop = pos + head + length + (4 if mask_bit else 0)
                     if stop <= size:
-                        out.append((data, pos + head, stop))
+                        if mask_bit:
+                            start = pos + head + 4
+                            # apply_mask (C or Python) takes any bytes-like; its annotation says bytes.
+                            payload = apply_mask(memoryview(data)[start:stop], data[start - 4 : start])  # type: ignore[arg-type]
+                            out.append((payload, 0, length))
+                        else:
+                            out.append((data, pos + head, stop))
                         pos = stop
                         continue
-                    self._start(data, pos, size, head + length, head)
+                    self._start(data, pos, size, stop - pos, stop - pos - length)
                     return out
             parsed = _header(data, pos, size)
             if parsed is None:
@@ -167,7 +198,8 @@ class WebsocketSplitter:
                 return -1
             head, length = parsed
             first = joined[0]
-            if first == _PLAIN_BINARY and joined[1] < 0x80 and not self._fragmented and length <= self.max_size:
+            if (first == _PLAIN_BINARY and joined[1] & 0x80 == self._mask_bit and not self._fragmented
+                    and length <= self.max_size):
                 self._head = head
             else:
                 self._head = 0
@@ -185,7 +217,13 @@ class WebsocketSplitter:
         frame = b"".join(self._pieces)
         head = self._head
         self._clear()
-        out.append((frame, head, len(frame)) if head else frame)
+        if not head:
+            out.append(frame)
+        elif self._mask_bit:  # head includes the 4 mask bytes
+            payload = apply_mask(memoryview(frame)[head:], frame[head - 4 : head])  # type: ignore[arg-type]
+            out.append((payload, 0, len(payload)))
+        else:
+            out.append((frame, head, len(frame)))
         return need
 
     def _clear(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from localproxy.codec import MAX_WS_MESSAGE, FrameDecoder, Message, MessageType, encode_frame
@@ -418,6 +419,34 @@ async def test_wire_rule_violation_closes_the_offender_only(
     other_side = "destination" if side == "source" else "source"
     assert emulator.sessions(tunnel.tunnel_id, other_side) == 1
     await victim.close()
+
+
+async def test_pings_and_fragmented_messages_keep_their_place_among_plain_ones(emulator: Emulator) -> None:
+    """The relay's hot path takes plain masked binary messages itself; websockets still
+    parses everything else, and the order on the wire is kept."""
+    tunnel, src, dst = await connected_pair(emulator)
+    data = [frame(MessageType.DATA, stream_id=1, payload=bytes([n]) * (n * 1000)) for n in range(1, 5)]
+    await src.send(data[0])
+    middle = data[1] + data[2]
+    await src.send([middle[:10], middle[10:2500], middle[2500:]])  # one message in three fragments
+    pong = await src.ping(b"p")
+    await src.send(data[3])
+    await asyncio.wait_for(pong, 10)
+    got = await read_messages(dst, 4)
+    assert [m.payload for m in got] == [bytes([n]) * (n * 1000) for n in range(1, 5)]
+    assert emulator.sessions(tunnel.tunnel_id, "source") == 1
+    await src.close()
+    await dst.close()
+
+
+async def test_an_unmasked_frame_from_a_client_is_refused_by_websockets(emulator: Emulator) -> None:
+    tunnel, src, dst = await connected_pair(emulator)
+    src.transport.write(Frame(Opcode.BINARY, frame(MessageType.DATA, stream_id=1, payload=b"x")).serialize(mask=False))
+    code, _ = await closed_with(src)
+    assert code == 1002  # protocol error: a client must mask
+    await emulator.wait_disconnected(tunnel.tunnel_id, "source")
+    assert dst.state is State.OPEN
+    await dst.close()
 
 
 async def test_data_for_an_absent_peer_is_dropped(emulator: Emulator) -> None:

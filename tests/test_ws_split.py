@@ -38,30 +38,37 @@ def feed_in_pieces(splitter: WebsocketSplitter, stream: bytes, cuts: list[int]) 
     return [("msg", bytes(item[0][item[1] : item[2]])) if isinstance(item, tuple) else ("raw", item) for item in out]
 
 
-# One frame of the stream: (kind, bytes on the wire, what the splitter must return)
-frames = st.one_of(
-    st.binary(max_size=70_000).map(lambda data: ("msg", ws_frame(Opcode.BINARY, data), data)),
-    st.sampled_from([0, 125, 126, 65535, 65536]).map(
-        lambda size: ("msg", ws_frame(Opcode.BINARY, bytes(size)), bytes(size))
-    ),
-    st.binary(max_size=125).map(lambda data: ("raw", ws_frame(Opcode.PING, data), None)),
-    st.binary(max_size=125).map(lambda data: ("raw", ws_frame(Opcode.PONG, data), None)),
-    st.text(max_size=20).map(lambda text: ("raw", ws_frame(Opcode.TEXT, text.encode()), None)),
-    # A fragmented binary message: every frame of it goes to websockets, even a
-    # "plain-looking" final continuation.
-    st.tuples(st.binary(max_size=300), st.binary(max_size=300)).map(
-        lambda parts: ("raw", ws_frame(Opcode.BINARY, parts[0], fin=False) + ws_frame(Opcode.CONT, parts[1]), None)
-    ),
-)
+def frame_strategy(mask: bool) -> Any:
+    """One frame of the stream: (kind, bytes on the wire, what the splitter must return)."""
+
+    def wire(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+        return ws_frame(opcode, data, fin, mask=mask)
+
+    return st.one_of(
+        st.binary(max_size=70_000).map(lambda data: ("msg", wire(Opcode.BINARY, data), data)),
+        st.sampled_from([0, 125, 126, 65535, 65536]).map(lambda size: ("msg", wire(Opcode.BINARY, bytes(size)), bytes(size))),
+        st.binary(max_size=125).map(lambda data: ("raw", wire(Opcode.PING, data), None)),
+        st.binary(max_size=125).map(lambda data: ("raw", wire(Opcode.PONG, data), None)),
+        st.text(max_size=20).map(lambda text: ("raw", wire(Opcode.TEXT, text.encode()), None)),
+        # A fragmented binary message: every frame of it goes to websockets, even a
+        # "plain-looking" final continuation.
+        st.tuples(st.binary(max_size=300), st.binary(max_size=300)).map(
+            lambda parts: ("raw", wire(Opcode.BINARY, parts[0], fin=False) + wire(Opcode.CONT, parts[1]), None)
+        ),
+        # The other masking than the side expects: websockets must see it (and refuse it).
+        st.binary(max_size=300).map(lambda data: ("raw", ws_frame(Opcode.BINARY, data, mask=not mask), None)),
+    )
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["from a server", "from a client (masked)"])
 @PROPERTY
-@given(st.lists(frames, max_size=8), st.lists(st.integers(0, 300_000), max_size=6))
+@given(data=st.data(), cuts=st.lists(st.integers(0, 300_000), max_size=6))
 def test_split_returns_plain_messages_in_place_and_everything_else_whole(
-    stream_frames: list[tuple[str, bytes, bytes | None]], cuts: list[int]
+    masked: bool, data: st.DataObject, cuts: list[int]
 ) -> None:
+    stream_frames: list[tuple[str, bytes, bytes | None]] = data.draw(st.lists(frame_strategy(masked), max_size=8))
     stream = b"".join(wire for _, wire, _ in stream_frames)
-    splitter = WebsocketSplitter(MAX)
+    splitter = WebsocketSplitter(MAX, masked=masked)
     got = feed_in_pieces(splitter, stream, cuts)
     expected: list[tuple[str, bytes]] = []
     for kind, wire, payload in stream_frames:
@@ -115,6 +122,13 @@ def test_an_oversized_frame_goes_to_websockets_from_its_header(cut: int) -> None
     assert got[0] == ("msg", b"ok")
     assert _join_raw(got[1:]) == [("raw", big)]
     assert splitter.passthrough
+
+
+def test_a_masked_message_comes_back_unmasked_in_a_copy_of_its_own() -> None:
+    payload = os.urandom(1000)
+    chunk = ws_frame(Opcode.BINARY, payload, mask=True)
+    [(buffer, start, stop)] = WebsocketSplitter(MAX, masked=True).feed(chunk)
+    assert (buffer, start, stop) == (payload, 0, len(payload)) and buffer is not chunk
 
 
 def test_masked_and_reserved_bit_frames_go_to_websockets() -> None:

@@ -9,6 +9,15 @@ documented ``create_connection`` hook) that reads the request head itself first:
 - anything else: the connection stays here as a small HTTP/1.1 keep-alive server
   for the control API (``POST /``); websockets never sees a byte of it, and its
   handshake task just waits for the connection to end.
+
+After a ``GET`` head, the relay's hot path skips websockets' frame parser and
+writer (which copy each payload three to five times): a masked binary message is
+cut from the received bytes and unmasked by :class:`~localproxy.ws_split.WebsocketSplitter`
+and handed to websockets' message queue as the frame websockets would have made
+(so ``recv()``, its read-ahead limit and pause work as before); every other frame
+(ping, close, text, fragments, anything malformed) still goes to websockets'
+parser, at a frame boundary. :meth:`FrontConnection.send_binary` frames a message
+itself and writes header and payload without joining them.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import os
 import re
 import secrets
+import struct
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -25,6 +35,11 @@ from itertools import count
 from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+
+from localproxy.codec import BytesLike
+from localproxy.ws_split import WebsocketSplitter, message_size_limit
 
 from .handshake import MAX_REQUEST_HEAD, Admission
 
@@ -37,6 +52,10 @@ IDLE_TIMEOUT = 60.0  # keep-alive connections of the control API
 
 _channel_counter = count(1)
 _BODY_HEADER_RE = re.compile(rb"\r\n(content-length:[ \t]*0*[1-9]|transfer-encoding:)")
+_OPEN = State.OPEN
+_DELIVERING = (State.CONNECTING, State.OPEN)  # states in which websockets queues data frames
+_pack_head16 = struct.Struct("!BBH").pack
+_pack_head64 = struct.Struct("!BBQ").pack
 
 
 def new_channel_id() -> str:
@@ -73,6 +92,7 @@ class FrontConnection(ServerConnection):
         self._timer: asyncio.TimerHandle | None = None
         self._routed: asyncio.Future[None] = self.loop.create_future()
         self._last_active = 0.0  # websocket: loop time of the last byte either way
+        self._splitter: WebsocketSplitter | None = None  # set after a GET head
 
     # --- asyncio protocol -----------------------------------------------------
 
@@ -105,7 +125,15 @@ class FrontConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self._route == "ws":
             self._last_active = self.loop.time()
-            super().data_received(data)
+            splitter = self._splitter
+            if splitter is None:
+                super().data_received(data)
+                return
+            for item in splitter.feed(data):
+                if item.__class__ is tuple:
+                    self._deliver(item[0])
+                else:
+                    super().data_received(item)  # type: ignore[arg-type]
         elif self._route == "http":
             self._restart_timer(IDLE_TIMEOUT)
             self._http_feed(data)
@@ -134,9 +162,13 @@ class FrontConnection(ServerConnection):
             if self.front.ws_idle_timeout is not None:
                 self._last_active = self.loop.time()
                 self._timer = self.loop.call_later(self.front.ws_idle_timeout, self._check_idle)
-            head = bytes(self._buffer)
+            head = bytes(self._buffer[: end + 4])
+            rest = bytes(self._buffer[end + 4 :])  # frames right behind the request, if any
             self._buffer = bytearray()
             super().data_received(head)
+            self._splitter = WebsocketSplitter(message_size_limit(self.protocol), masked=True)
+            if rest:
+                self.data_received(rest)
         else:
             self._route = "http"
             self._routed.set_result(None)
@@ -149,6 +181,35 @@ class FrontConnection(ServerConnection):
         if self._route == "ws":
             self._last_active = self.loop.time()
         super().send_data()
+
+    # --- the relay's hot path -------------------------------------------------
+
+    def _deliver(self, payload: bytes) -> None:
+        """A binary message, to websockets' queue as its own parser would put it."""
+        if self.protocol.state in _DELIVERING:  # after a close websockets drops data frames
+            self.process_event(Frame(Opcode.BINARY, payload))
+
+    async def send_binary(self, data: BytesLike) -> None:
+        """Send one binary message like ``send``: framed here (a server does not mask),
+        header and payload written without joining them; waits while the write buffer
+        is above its high-water mark. Raises ``ConnectionClosed`` as ``send`` does."""
+        if self.protocol.state is not _OPEN:
+            await self.send(data)  # type: ignore[arg-type]  # websockets raises the right ConnectionClosed
+            return
+        size = len(data)
+        if size < 126:
+            head = bytes((0x82, size))
+        elif size < 65536:
+            head = _pack_head16(0x82, 126, size)
+        else:
+            head = _pack_head64(0x82, 127, size)
+        self._last_active = self.loop.time()
+        self.transport.writelines((head, data))
+        if self.paused:
+            try:
+                await self.drain()
+            except Exception as exc:  # the connection was lost while waiting
+                raise self.protocol.close_exc from exc
 
     # --- timers -----------------------------------------------------------------
 

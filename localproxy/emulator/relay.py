@@ -40,13 +40,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Coroutine
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from localproxy.codec import Message, MessageType, encode_frame
 
 from .events import EventLog
 from .faults import Faults, TokenBucket, capped_rcvbuf
+from .front import FrontConnection
 from .gate import FrameGate
 from .handshake import Admission
 from .store import Side, Store
@@ -79,7 +79,7 @@ def _close_reason(text: str) -> str:
 
 @dataclass(eq=False)
 class Peer:
-    ws: ServerConnection
+    ws: FrontConnection
     admission: Admission
     channel_id: str
     gate: FrameGate
@@ -131,7 +131,7 @@ class Relay:
 
     # --- a peer's life --------------------------------------------------------
 
-    async def run(self, ws: ServerConnection, admission: Admission, channel_id: str) -> None:
+    async def run(self, ws: FrontConnection, admission: Admission, channel_id: str) -> None:
         """Serve one admitted websocket until it closes (the websockets handler)."""
         key = (admission.tunnel_id, admission.side)
         peer = Peer(ws, admission, channel_id, FrameGate(admission.side), TokenBucket(self.faults))
@@ -197,8 +197,7 @@ class Relay:
                         continue
                     await peer.bucket.take(size)
                     try:
-                        # websockets documents and accepts memoryview; its annotation says str | bytes only
-                        await target.ws.send(chunk)  # type: ignore[arg-type]
+                        await target.ws.send_binary(chunk)
                         peer.forwarded_bytes += size
                     except ConnectionClosed:
                         peer.dropped_bytes += size
