@@ -17,10 +17,16 @@ its header), everything goes to websockets unsplit.
 With ``masked=True`` (a server reading a client, as the emulator does) the plain
 frame is a *masked* one instead, and its payload comes back unmasked: a new
 ``bytes`` (the one copy unmasking needs); an unmasked frame goes to websockets,
-which refuses it.
+which refuses it. The frames of a fragmented *binary* message (the C++ reference
+sends 4 KiB fragments) come back too, as websockets ``Frame`` objects (unmasked,
+with their FIN bit) for websockets' own message assembler; its parser then never
+sees that message, so the splitter checks what it would: the message's total
+size and that no other data frame starts inside it (``failure``).
 """
 
 from __future__ import annotations
+
+from websockets.frames import Frame, Opcode
 
 try:
     from websockets.speedups import apply_mask
@@ -39,6 +45,12 @@ _OP_TEXT = 0x1
 _OP_BINARY = 0x2
 _OP_CLOSE = 0x8
 _MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (mask)
+# What _route decides for a frame that is not a plain message.
+_RAW = 1  # whole, to websockets
+_FRAGMENT = 2  # a masked binary fragment, as a Frame
+_STOP = 3  # too large or a protocol error: everything to websockets from here
+_CLOSE_PROTOCOL_ERROR = 1002
+_CLOSE_MESSAGE_TOO_BIG = 1009
 _NO_LIMIT = 1 << 63
 
 
@@ -79,7 +91,10 @@ class WebsocketSplitter:
     into ``bytes`` objects that are never changed afterwards.
     """
 
-    __slots__ = ("max_size", "masked", "passthrough", "_fragmented", "_pieces", "_have", "_total", "_head", "_mask_bit")
+    __slots__ = (
+        "max_size", "masked", "passthrough", "failure", "_fragmented", "_pieces", "_have", "_total", "_head",
+        "_mask_bit", "_own_fragments", "_fragments_size", "_fragment_first",
+    )
 
     def __init__(self, max_size: int, *, masked: bool = False) -> None:
         self.max_size = max_size
@@ -91,16 +106,25 @@ class WebsocketSplitter:
         self._have = 0  # their count
         self._total = -1  # the incomplete frame's size; -1 while its header is incomplete
         self._head = 0  # its header length
+        # Masked mode: a fragmented binary message whose frames come back as Frame objects.
+        self._own_fragments = False
+        self._fragments_size = 0
+        self._fragment_first = -1  # the incomplete frame is such a fragment: its first byte
+        # (close code, reason) when the stream broke a rule websockets would have enforced
+        # on frames it did not see; everything goes to websockets after it.
+        self.failure: tuple[int, str] | None = None
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held here."""
         return self._have
 
-    def feed(self, data: bytes) -> list[Message | bytes]:
+    def feed(self, data: bytes) -> list[Message | Frame | bytes]:
         if self.passthrough and not self._have:  # (a close frame may still be incomplete)
+            if self.failure is not None:
+                return []  # the connection failed: nothing more is processed
             return [data] if data else []
-        out: list[Message | bytes] = []
+        out: list[Message | Frame | bytes] = []
         size = len(data)
         pos = 0
         if self._have:
@@ -146,15 +170,18 @@ class WebsocketSplitter:
             if parsed is None:
                 break
             head, length = parsed
-            if not self._route(first, length):
-                out.append(data[pos:])  # too large: websockets reads the header and refuses it
-                return out
+            kind = self._route(first, data[pos + 1], length)
+            if kind == _STOP:
+                if self.failure is None:
+                    out.append(data[pos:])  # too large: websockets reads the header and refuses it
+                return out  # (a failure: nothing after it may be processed)
             fragmented = self._fragmented
             stop = pos + head + length
             if stop > size:
-                self._start(data, pos, size, head + length, 0)
+                self._start(data, pos, size, head + length, head if kind == _FRAGMENT else 0,
+                            first if kind == _FRAGMENT else -1)
                 return out
-            out.append(data[pos:stop])
+            out.append(_fragment(first, data, pos + head, stop) if kind == _FRAGMENT else data[pos:stop])
             pos = stop
             if self.passthrough:  # a close frame: websockets handles the rest
                 if pos < size:
@@ -164,29 +191,52 @@ class WebsocketSplitter:
             self._start(data, pos, size, -1, 0)
         return out
 
-    def _route(self, first: int, length: int) -> bool:
-        """Note what a frame websockets must see changes; False if it is over the limit."""
+    def _route(self, first: int, second: int, length: int) -> int:
+        """Note what a frame that is not a plain message changes; how to return it."""
         opcode = first & 0x0F
         final = first & 0x80
         if length > self.max_size:
             self.passthrough = True
-            return False
+            return _STOP
+        if self._own_fragments and opcode in (_OP_TEXT, _OP_BINARY, _OP_CONTINUATION):
+            if opcode != _OP_CONTINUATION:
+                return self._fail(_CLOSE_PROTOCOL_ERROR, "expected a continuation frame")
+            if not second & 0x80 or first & 0x70:
+                self._own_fragments = False  # unmasked or RSV bits: websockets refuses it
+                return _RAW
+            self._fragments_size += length
+            if self._fragments_size > self.max_size:
+                return self._fail(_CLOSE_MESSAGE_TOO_BIG, f"message over {self.max_size} bytes")
+            if final:
+                self._fragmented = self._own_fragments = False
+            return _FRAGMENT
+        if opcode == _OP_BINARY and not final and self.masked and second & 0x80 and not first & 0x70 and not self._fragmented:
+            self._fragmented = self._own_fragments = True
+            self._fragments_size = length
+            return _FRAGMENT
         if opcode == _OP_CLOSE:
             self.passthrough = True
         elif opcode == _OP_TEXT or opcode == _OP_BINARY:
             self._fragmented = not final
         elif opcode == _OP_CONTINUATION and final:
             self._fragmented = False
-        return True
+        return _RAW
 
-    def _start(self, data: bytes, pos: int, size: int, total: int, plain_head: int) -> None:
+    def _fail(self, code: int, reason: str) -> int:
+        self.failure = (code, reason)
+        self.passthrough = True
+        self._own_fragments = False
+        return _STOP
+
+    def _start(self, data: bytes, pos: int, size: int, total: int, head: int, fragment_first: int = -1) -> None:
         """Keep the frame at ``pos`` that the chunk ends inside of."""
         self._pieces = [memoryview(data)[pos:size]]
         self._have = size - pos
         self._total = total
-        self._head = plain_head  # > 0: a plain binary frame (its header length)
+        self._head = head  # > 0: a plain binary frame or a fragment (its header length)
+        self._fragment_first = fragment_first
 
-    def _complete(self, data: bytes, out: list[Message | bytes]) -> int:
+    def _complete(self, data: bytes, out: list[Message | Frame | bytes]) -> int:
         """Add to the incomplete frame; returns where ``data`` goes on, or -1 if it is used up."""
         size = len(data)
         if self._total < 0:  # the header was cut: read it from the pieces and this chunk
@@ -203,10 +253,17 @@ class WebsocketSplitter:
                 self._head = head
             else:
                 self._head = 0
-                if not self._route(first, length):
+                kind = self._route(first, joined[1], length)
+                if kind == _STOP:
+                    if self.failure is not None:
+                        self._clear()
+                        return -1  # nothing after a failure may be processed
                     out.append(b"".join(self._pieces))
                     self._clear()
                     return 0  # passthrough: the caller sends the whole chunk on
+                if kind == _FRAGMENT:
+                    self._head = head
+                    self._fragment_first = first
             self._total = head + length
         need = self._total - self._have
         if need > size:
@@ -216,8 +273,11 @@ class WebsocketSplitter:
         self._pieces.append(memoryview(data)[:need])
         frame = b"".join(self._pieces)
         head = self._head
+        fragment_first = self._fragment_first
         self._clear()
-        if not head:
+        if fragment_first >= 0:
+            out.append(_fragment(fragment_first, frame, head, len(frame)))
+        elif not head:
             out.append(frame)
         elif self._mask_bit:  # head includes the 4 mask bytes
             payload = apply_mask(memoryview(frame)[head:], frame[head - 4 : head])  # type: ignore[arg-type]
@@ -231,3 +291,11 @@ class WebsocketSplitter:
         self._have = 0
         self._total = -1
         self._head = 0
+        self._fragment_first = -1
+
+
+def _fragment(first: int, data: bytes, start: int, stop: int) -> Frame:
+    """The masked fragment whose payload is ``data[start:stop]``, unmasked, as websockets' Frame."""
+    payload = apply_mask(memoryview(data)[start:stop], data[start - 4 : start])  # type: ignore[arg-type]
+    opcode = Opcode.BINARY if first & 0x0F == _OP_BINARY else Opcode.CONT
+    return Frame(opcode, payload, bool(first & 0x80))

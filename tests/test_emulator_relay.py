@@ -449,6 +449,25 @@ async def test_an_unmasked_frame_from_a_client_is_refused_by_websockets(emulator
     await dst.close()
 
 
+@pytest.mark.parametrize(
+    ("second", "code"),
+    [
+        (Frame(Opcode.BINARY, b"x"), 1002),  # a new message inside a fragmented one
+        (Frame(Opcode.CONT, bytes(MAX_WS_MESSAGE)), 1009),  # the message grows over the limit
+    ],
+    ids=["interleaved", "too big"],
+)
+async def test_a_bad_fragmented_message_fails_the_connection(emulator: Emulator, second: Frame, code: int) -> None:
+    """Fragments of binary messages skip websockets' parser: the relay checks its rules."""
+    tunnel, src, dst = await connected_pair(emulator)
+    src.transport.write(Frame(Opcode.BINARY, b"start", fin=False).serialize(mask=True) + second.serialize(mask=True))
+    got, _ = await closed_with(src)
+    assert got == code
+    await emulator.wait_disconnected(tunnel.tunnel_id, "source")
+    assert dst.state is State.OPEN
+    await dst.close()
+
+
 async def test_data_for_an_absent_peer_is_dropped(emulator: Emulator) -> None:
     tunnel = emulator.open_tunnel(services=["SSH"])
     src = await open_ws(emulator, "source", tunnel.source_token)

@@ -35,28 +35,46 @@ def feed_in_pieces(splitter: WebsocketSplitter, stream: bytes, cuts: list[int]) 
     for cut in sorted(min(cut, len(stream)) for cut in cuts) + [len(stream)]:
         out += splitter.feed(stream[previous:cut])
         previous = cut
-    return [("msg", bytes(item[0][item[1] : item[2]])) if isinstance(item, tuple) else ("raw", item) for item in out]
+    return [_kind(item) for item in out]
+
+
+def _kind(item: Any) -> tuple[str, Any]:
+    if isinstance(item, tuple):
+        return ("msg", bytes(item[0][item[1] : item[2]]))
+    if isinstance(item, Frame):
+        return ("frag", (item.opcode, bytes(item.data), item.fin))
+    return ("raw", item)
 
 
 def frame_strategy(mask: bool) -> Any:
-    """One frame of the stream: (kind, bytes on the wire, what the splitter must return)."""
+    """One frame (or fragmented message) of the stream: (bytes on the wire, what the splitter returns)."""
 
     def wire(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
         return ws_frame(opcode, data, fin, mask=mask)
 
+    def raw(data: bytes) -> tuple[bytes, list[tuple[str, Any]]]:
+        return data, [("raw", data)]
+
+    def fragmented(parts: tuple[bytes, bytes]) -> tuple[bytes, list[tuple[str, Any]]]:
+        first, last = wire(Opcode.BINARY, parts[0], fin=False), wire(Opcode.CONT, parts[1])
+        if not mask:  # a client's splitter: websockets assembles it
+            return raw(first + last)
+        # a server's: the fragments, unmasked, for websockets' assembler
+        return first + last, [("frag", (Opcode.BINARY, parts[0], False)), ("frag", (Opcode.CONT, parts[1], True))]
+
     return st.one_of(
-        st.binary(max_size=70_000).map(lambda data: ("msg", wire(Opcode.BINARY, data), data)),
-        st.sampled_from([0, 125, 126, 65535, 65536]).map(lambda size: ("msg", wire(Opcode.BINARY, bytes(size)), bytes(size))),
-        st.binary(max_size=125).map(lambda data: ("raw", wire(Opcode.PING, data), None)),
-        st.binary(max_size=125).map(lambda data: ("raw", wire(Opcode.PONG, data), None)),
-        st.text(max_size=20).map(lambda text: ("raw", wire(Opcode.TEXT, text.encode()), None)),
-        # A fragmented binary message: every frame of it goes to websockets, even a
-        # "plain-looking" final continuation.
-        st.tuples(st.binary(max_size=300), st.binary(max_size=300)).map(
-            lambda parts: ("raw", wire(Opcode.BINARY, parts[0], fin=False) + wire(Opcode.CONT, parts[1]), None)
+        st.binary(max_size=70_000).map(lambda data: (wire(Opcode.BINARY, data), [("msg", data)])),
+        st.sampled_from([0, 125, 126, 65535, 65536]).map(lambda size: (wire(Opcode.BINARY, bytes(size)), [("msg", bytes(size))])),
+        st.binary(max_size=125).map(lambda data: raw(wire(Opcode.PING, data))),
+        st.binary(max_size=125).map(lambda data: raw(wire(Opcode.PONG, data))),
+        st.text(max_size=20).map(lambda text: raw(wire(Opcode.TEXT, text.encode()))),
+        st.tuples(st.binary(max_size=300), st.binary(max_size=300)).map(fragmented),
+        # A fragmented text message: websockets' (UTF-8), however it is masked.
+        st.tuples(st.text(max_size=30), st.text(max_size=30)).map(
+            lambda parts: raw(wire(Opcode.TEXT, parts[0].encode(), fin=False) + wire(Opcode.CONT, parts[1].encode()))
         ),
         # The other masking than the side expects: websockets must see it (and refuse it).
-        st.binary(max_size=300).map(lambda data: ("raw", ws_frame(Opcode.BINARY, data, mask=not mask), None)),
+        st.binary(max_size=300).map(lambda data: raw(ws_frame(Opcode.BINARY, data, mask=not mask))),
     )
 
 
@@ -66,24 +84,18 @@ def frame_strategy(mask: bool) -> Any:
 def test_split_returns_plain_messages_in_place_and_everything_else_whole(
     masked: bool, data: st.DataObject, cuts: list[int]
 ) -> None:
-    stream_frames: list[tuple[str, bytes, bytes | None]] = data.draw(st.lists(frame_strategy(masked), max_size=8))
-    stream = b"".join(wire for _, wire, _ in stream_frames)
+    stream_frames: list[tuple[bytes, list[tuple[str, Any]]]] = data.draw(st.lists(frame_strategy(masked), max_size=8))
+    stream = b"".join(wire for wire, _ in stream_frames)
     splitter = WebsocketSplitter(MAX, masked=masked)
     got = feed_in_pieces(splitter, stream, cuts)
-    expected: list[tuple[str, bytes]] = []
-    for kind, wire, payload in stream_frames:
-        if kind == "msg":
-            assert payload is not None
-            expected.append(("msg", payload))
-        else:
-            expected.append(("raw", wire))
+    expected = [item for _, items in stream_frames for item in items]
     # Raw frames come one by one; join consecutive raw items on both sides to compare.
     assert _join_raw(got) == _join_raw(expected)
-    assert splitter.pending == 0 and not splitter.passthrough
+    assert splitter.pending == 0 and not splitter.passthrough and splitter.failure is None
 
 
-def _join_raw(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    joined: list[tuple[str, bytes]] = []
+def _join_raw(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    joined: list[tuple[str, Any]] = []
     for kind, data in items:
         if kind == "raw" and joined and joined[-1][0] == "raw":
             joined[-1] = ("raw", joined[-1][1] + data)
@@ -129,6 +141,26 @@ def test_a_masked_message_comes_back_unmasked_in_a_copy_of_its_own() -> None:
     chunk = ws_frame(Opcode.BINARY, payload, mask=True)
     [(buffer, start, stop)] = WebsocketSplitter(MAX, masked=True).feed(chunk)
     assert (buffer, start, stop) == (payload, 0, len(payload)) and buffer is not chunk
+
+
+def test_a_data_frame_inside_a_fragmented_message_fails_and_stops_the_split() -> None:
+    first = ws_frame(Opcode.BINARY, b"a" * 10, fin=False, mask=True)
+    intruder = ws_frame(Opcode.BINARY, b"b", mask=True)
+    after = ws_frame(Opcode.BINARY, b"c", mask=True)
+    splitter = WebsocketSplitter(MAX, masked=True)
+    got = feed_in_pieces(splitter, first + intruder + after, [len(first) + 1])
+    assert got == [("frag", (Opcode.BINARY, b"a" * 10, False))]  # nothing after the intruder
+    assert splitter.failure == (1002, "expected a continuation frame") and splitter.passthrough
+
+
+@pytest.mark.parametrize("cut", [0, 3])
+def test_fragments_over_the_size_limit_fail_with_1009(cut: int) -> None:
+    first = ws_frame(Opcode.BINARY, bytes(60), fin=False, mask=True)
+    second = ws_frame(Opcode.CONT, bytes(60), mask=True)
+    splitter = WebsocketSplitter(100, masked=True)
+    got = feed_in_pieces(splitter, first + second, [len(first) + cut])
+    assert got == [("frag", (Opcode.BINARY, bytes(60), False))]
+    assert splitter.failure == (1009, "message over 100 bytes")
 
 
 def test_masked_and_reserved_bit_frames_go_to_websockets() -> None:

@@ -11,12 +11,12 @@ documented ``create_connection`` hook) that reads the request head itself first:
   handshake task just waits for the connection to end.
 
 After a ``GET`` head, the relay's hot path skips websockets' frame parser and
-writer (which copy each payload three to five times): a masked binary message is
-cut from the received bytes and unmasked by :class:`~localproxy.ws_split.WebsocketSplitter`
-and handed to websockets' message queue as the frame websockets would have made
-(so ``recv()``, its read-ahead limit and pause work as before); every other frame
-(ping, close, text, fragments, anything malformed) still goes to websockets'
-parser, at a frame boundary. :meth:`FrontConnection.send_binary` frames a message
+writer (which copy each payload three to five times): a masked binary message, or
+a fragment of one, is cut from the received bytes and unmasked by
+:class:`~localproxy.ws_split.WebsocketSplitter` and handed to websockets' message
+queue as the frame websockets would have made (so ``recv()``, its read-ahead limit
+and pause work as before); every other frame (ping, close, text, anything
+malformed) still goes to websockets' parser, at a frame boundary. :meth:`FrontConnection.send_binary` frames a message
 itself and writes header and payload without joining them.
 """
 
@@ -130,10 +130,17 @@ class FrontConnection(ServerConnection):
                 super().data_received(data)
                 return
             for item in splitter.feed(data):
-                if item.__class__ is tuple:
+                if isinstance(item, tuple):
                     self._deliver(item[0])
+                elif isinstance(item, Frame):  # a fragment of a binary message: websockets assembles it
+                    if self.protocol.state in _DELIVERING:
+                        self.process_event(item)
                 else:
-                    super().data_received(item)  # type: ignore[arg-type]
+                    super().data_received(item)
+            if splitter.failure is not None and self.protocol.state is _OPEN:
+                # A rule websockets' parser would have enforced on frames it did not see.
+                self.protocol.fail(*splitter.failure)
+                self.send_data()
         elif self._route == "http":
             self._restart_timer(IDLE_TIMEOUT)
             self._http_feed(data)
