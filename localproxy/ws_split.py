@@ -26,14 +26,14 @@ size and that no other data frame starts inside it (``failure``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from websockets.frames import Frame, Opcode
 
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
-
-from typing import Any
 
 __all__ = ["Message", "WebsocketSplitter", "message_size_limit"]
 
@@ -137,7 +137,7 @@ class WebsocketSplitter:
         mask_bit = self._mask_bit
         fragmented = self._fragmented
         while pos < size:
-            # The usual frame, inline: binary, final, unmasked, 16- or 64-bit length.
+            # The usual frame, inline: binary, final, masked as the side expects, any length.
             first = data[pos]
             second = data[pos + 1] if pos + 1 < size else 0xFF
             if first == _PLAIN_BINARY and second & 0x80 == mask_bit and not fragmented and pos + 1 < size:

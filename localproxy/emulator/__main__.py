@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--autotuned-buffers", action="store_true",
-        help="let the kernel autotune the relay's socket buffers (megabytes queued per direction; ~10%% more "
-        "bulk throughput on loopback) instead of bounding each direction's queue to about 1.2 MiB",
+        help="let the kernel autotune the relay's socket buffers (megabytes queued per direction; 5-10%% more "
+        "bulk throughput on loopback) instead of bounding each direction's queue to about 2 MiB",
     )
     parser.add_argument(
         "--idle-timeout", type=float, default=None, metavar="SECONDS",

@@ -16,8 +16,9 @@ a fragment of one, is cut from the received bytes and unmasked by
 :class:`~localproxy.ws_split.WebsocketSplitter` and handed to websockets' message
 queue as the frame websockets would have made (so ``recv()``, its read-ahead limit
 and pause work as before); every other frame (ping, close, text, anything
-malformed) still goes to websockets' parser, at a frame boundary. :meth:`FrontConnection.send_binary` frames a message
-itself and writes header and payload without joining them.
+malformed) still goes to websockets' parser, at a frame boundary.
+:meth:`FrontConnection.send_binary` frames a message itself and writes header and
+payload without joining them.
 """
 
 from __future__ import annotations

@@ -8,14 +8,14 @@
 - Queue per direction, at most: the sending side's kernel receive buffer
   (``RECEIVE_BUFFER``: 512 KiB as SO_RCVBUF, which the kernel doubles, so up to
   ~1 MiB unread) + websockets' read-ahead (``READ_AHEAD`` = 4 messages, 512 KiB) +
-  the message being paced or sent + the target's write buffer (websockets'
-  ``write_limit``, 32 KiB) + the kernel's unsent bytes to the target
-  (``UNSENT_BUFFER``, 128 KiB with ``TCP_NOTSENT_LOWAT``, plus the rest of one
-  segment buffer): about 1.7 MiB, ~2 ms at loopback speed. The kernel would otherwise
+  the message being paced or sent + the target's write buffer (``write_limit``,
+  256 KiB, server.py) + the kernel's unsent bytes to the target (``UNSENT_BUFFER``,
+  128 KiB with ``TCP_NOTSENT_LOWAT``, plus the rest of one segment buffer): about
+  2 MiB, ~2.5 ms at loopback speed. The kernel would otherwise
   autotune both socket buffers to megabytes each (measured: a full path held 8.7 MB
   instead of 2.2 MB, tests/test_bounded_path.py; echo p99 beside a bulk transfer
   20-40 ms instead of 7-9); ``bounded_buffers = False``
-  (``--autotuned-buffers``) restores that, for ~10% more bulk throughput on loopback.
+  (``--autotuned-buffers``) restores that, for 5-10% more bulk throughput on loopback.
   With a bandwidth cap, in front of the pacing: two messages read ahead and, when
   the emulator was capped from its start (its connections then use 1400-byte
   segments), a kernel receive buffer of 10 ms of the cap (at least 8 KiB): what
