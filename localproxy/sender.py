@@ -30,13 +30,13 @@ from .pacing import Pacer
 from .scheduler import SendScheduler
 from .tunnel_actions import DataFramer
 
-__all__ = ["Sender", "kernel_unsent", "tune_send_buffers"]
+__all__ = ["NOTSENT_LOWAT", "Sender", "kernel_unsent", "tune_send_buffers"]
 
 logger = logging.getLogger("localproxy.proxy")
 
 # Linux has it in the socket module; macOS's value is 0x201; elsewhere the kernel's
 # send buffer is not bounded by us (the scheduler still orders what is above it).
-_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.platform == "darwin" else None)
+NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", 0x201 if sys.platform == "darwin" else None)
 
 
 # Linux: bytes the kernel holds but has not sent yet (SIOCOUTQNSD).
@@ -67,9 +67,9 @@ def tune_send_buffers(ws: Any, budget: int) -> None:
     except (AttributeError, RuntimeError):  # pragma: no cover - closing
         return
     sock = transport.get_extra_info("socket")
-    if _NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    if NOTSENT_LOWAT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, budget)
+            sock.setsockopt(socket.IPPROTO_TCP, NOTSENT_LOWAT, budget)
         except (OSError, TypeError, ValueError):  # pragma: no cover - not supported here, or closed
             pass
 

@@ -15,7 +15,6 @@ messages websockets assembles (fragments) reach the receiver too, in stream orde
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection
@@ -28,7 +27,7 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 from websockets.protocol import State
 
 from .keepalive import KeepaliveConnection
-from .ws_split import WebsocketSplitter, message_size_limit
+from .ws_split import WebsocketSplitter, binary_frame_header, message_size_limit
 
 __all__ = ["MessageReceiver", "TunnelConnection"]
 
@@ -37,8 +36,6 @@ _CONNECTING = State.CONNECTING
 _DATA_OPCODES = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
 _TEXT = None  # in the early queue: a text message
 _MASK_POOL = 4096  # bytes of os.urandom per refill (1024 masks: one getrandom call)
-_pack_head16 = struct.Struct("!BBH").pack
-_pack_head64 = struct.Struct("!BBQ").pack
 
 
 class MessageReceiver(Protocol):
@@ -83,14 +80,7 @@ class TunnelConnection(KeepaliveConnection):
             pos = 0
         self._mask_pos = pos + 4
         mask = self._masks[pos : pos + 4]
-        size = len(data)
-        if size < 126:
-            head = bytes((0x82, 0x80 | size))
-        elif size < 65536:
-            head = _pack_head16(0x82, 0xFE, size)
-        else:
-            head = _pack_head64(0x82, 0xFF, size)
-        self.transport.write(head + mask + apply_mask(data, mask))
+        self.transport.write(binary_frame_header(len(data), 0x80) + mask + apply_mask(data, mask))
 
     def attach(self, receiver: MessageReceiver) -> None:
         """Send messages to ``receiver`` from now on (those that came already first)."""

@@ -26,6 +26,7 @@ size and that no other data frame starts inside it (``failure``).
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from websockets.frames import Frame, Opcode
@@ -35,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
 
-__all__ = ["Message", "WebsocketSplitter", "message_size_limit"]
+__all__ = ["Message", "WebsocketSplitter", "binary_frame_header", "message_size_limit"]
 
 Message = tuple[bytes, int, int]  # (buffer, start, stop) of one binary message's payload
 
@@ -52,6 +53,18 @@ _STOP = 3  # too large or a protocol error: everything to websockets from here
 _CLOSE_PROTOCOL_ERROR = 1002
 _CLOSE_MESSAGE_TOO_BIG = 1009
 _NO_LIMIT = 1 << 63
+_pack_head16 = struct.Struct("!BBH").pack
+_pack_head64 = struct.Struct("!BBQ").pack
+
+
+def binary_frame_header(size: int, mask_bit: int) -> bytes:
+    """The header of a final binary frame of ``size`` bytes; ``mask_bit`` 0x80 (a client's,
+    the 4-byte mask follows it) or 0 (a server's)."""
+    if size < 126:
+        return bytes((_PLAIN_BINARY, mask_bit | size))
+    if size < 65536:
+        return _pack_head16(_PLAIN_BINARY, mask_bit | 126, size)
+    return _pack_head64(_PLAIN_BINARY, mask_bit | 127, size)
 
 
 def message_size_limit(protocol: Any) -> int:

@@ -23,10 +23,9 @@ from websockets.asyncio.server import Server
 from . import certs
 from .api import ControlPlane
 from .events import EmulatorEvent, EventLog
-from .faults import Faults
+from .faults import CAPPED_SEGMENT_SIZE, Faults
 from .front import FrontConfig
 from .mqtt import EmbeddedBroker, NotifyPublisher
-from .faults import CAPPED_SEGMENT_SIZE
 from .relay import Relay
 from .server import DataPlane, start_server
 from .store import Side, Store, Tunnel

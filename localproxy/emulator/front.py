@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import secrets
-import struct
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -40,7 +39,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from localproxy.codec import BytesLike
-from localproxy.ws_split import WebsocketSplitter, message_size_limit
+from localproxy.ws_split import WebsocketSplitter, binary_frame_header, message_size_limit
 
 from .handshake import MAX_REQUEST_HEAD, Admission
 
@@ -55,8 +54,6 @@ _channel_counter = count(1)
 _BODY_HEADER_RE = re.compile(rb"\r\n(content-length:[ \t]*0*[1-9]|transfer-encoding:)")
 _OPEN = State.OPEN
 _DELIVERING = (State.CONNECTING, State.OPEN)  # states in which websockets queues data frames
-_pack_head16 = struct.Struct("!BBH").pack
-_pack_head64 = struct.Struct("!BBQ").pack
 
 
 def new_channel_id() -> str:
@@ -132,10 +129,9 @@ class FrontConnection(ServerConnection):
                 return
             for item in splitter.feed(data):
                 if isinstance(item, tuple):
-                    self._deliver(item[0])
+                    self._deliver(Frame(Opcode.BINARY, item[0]))
                 elif isinstance(item, Frame):  # a fragment of a binary message: websockets assembles it
-                    if self.protocol.state in _DELIVERING:
-                        self.process_event(item)
+                    self._deliver(item)
                 else:
                     super().data_received(item)
             if splitter.failure is not None and self.protocol.state is _OPEN:
@@ -192,10 +188,10 @@ class FrontConnection(ServerConnection):
 
     # --- the relay's hot path -------------------------------------------------
 
-    def _deliver(self, payload: bytes) -> None:
-        """A binary message, to websockets' queue as its own parser would put it."""
+    def _deliver(self, frame: Frame) -> None:
+        """A binary message or fragment, to websockets' queue as its own parser would put it."""
         if self.protocol.state in _DELIVERING:  # after a close websockets drops data frames
-            self.process_event(Frame(Opcode.BINARY, payload))
+            self.process_event(frame)
 
     async def send_binary(self, data: BytesLike) -> None:
         """Send one binary message like ``send``: framed here (a server does not mask),
@@ -204,15 +200,8 @@ class FrontConnection(ServerConnection):
         if self.protocol.state is not _OPEN:
             await self.send(data)  # type: ignore[arg-type]  # websockets raises the right ConnectionClosed
             return
-        size = len(data)
-        if size < 126:
-            head = bytes((0x82, size))
-        elif size < 65536:
-            head = _pack_head16(0x82, 126, size)
-        else:
-            head = _pack_head64(0x82, 127, size)
         self._last_active = self.loop.time()
-        self.transport.writelines((head, data))
+        self.transport.writelines((binary_frame_header(len(data), 0), data))
         if self.paused:
             try:
                 await self.drain()

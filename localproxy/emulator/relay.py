@@ -43,6 +43,7 @@ from typing import Any, Coroutine
 from websockets.exceptions import ConnectionClosed
 
 from localproxy.codec import Message, MessageType, encode_frame
+from localproxy.sender import NOTSENT_LOWAT
 
 from .events import EventLog
 from .faults import Faults, TokenBucket, capped_rcvbuf
@@ -65,7 +66,6 @@ CLOSE_POLICY_VIOLATION = 1008
 RECEIVE_BUFFER = 512 * 1024
 READ_AHEAD = 4
 UNSENT_BUFFER = 128 * 1024
-_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 
 def other(side: Side) -> Side:
@@ -296,8 +296,8 @@ class Relay:
         try:
             if rcvbuf is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            if self.bounded_buffers and _NOTSENT_LOWAT is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, UNSENT_BUFFER)
+            if self.bounded_buffers and NOTSENT_LOWAT is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, NOTSENT_LOWAT, UNSENT_BUFFER)
         except OSError:  # pragma: no cover - closed meanwhile
             pass
 

@@ -126,7 +126,7 @@ async def start_server(
         compression=None,  # the service negotiates no extension
         open_timeout=None,  # FrontConnection times out request heads itself
         max_size=MAX_WS_MESSAGE,
-        max_queue=16,  # messages read ahead of the relay (2 of them when capped: see relay.py)
+        max_queue=16,  # messages read ahead of the relay (fewer once bounded: see relay.py)
         write_limit=2**18,  # send() waits above 256 KiB buffered: backpressure to the sender
         # With an idle timeout the emulator sends no pings of its own: they would keep
         # every websocket busy, hiding an idle link from its "load balancer".
