@@ -1,4 +1,4 @@
-"""Frame codec throughput: localproxy.codec against plain google.protobuf (upb).
+"""Frame codec throughput: localproxy.wire.codec against plain google.protobuf (upb).
 
 Run: ``python benchmarks/bench_codec.py [--quick] [--seconds S]``.
 
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from google.protobuf.internal import api_implementation  # noqa: E402
 
-from localproxy._pb.Message_pb2 import Message as PbMessage  # noqa: E402
-from localproxy.codec import (  # noqa: E402
+from localproxy.wire._pb.Message_pb2 import Message as PbMessage  # noqa: E402
+from localproxy.wire.codec import (  # noqa: E402
     MAX_PAYLOAD_SIZE,
     MAX_WS_MESSAGE,
     FrameDecoder,

@@ -53,7 +53,6 @@ from _rig import (  # noqa: E402
     memory_kib,
     start_emulator,
     start_pair,
-    wait_until,
     write_settings,
 )
 
@@ -154,8 +153,9 @@ def idle_figures(control: ControlPlane, info: EmulatorInfo, log_dir: Path, tag: 
 
 
 async def _many(data_url: str, tokens: list[tuple[str, str]], app_port: int, timeout: float) -> dict[str, Any]:
-    from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
-    from localproxy.proxy import LocalProxy
+    from localproxy.config.proxy_config import ProxyConfig
+    from localproxy.proxy.local_proxy import LocalProxy
+    from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
 
     endpoint = ServiceEndpoint.parse(data_url)
     proxies: list[LocalProxy] = []
@@ -188,7 +188,7 @@ async def _many(data_url: str, tokens: list[tuple[str, str]], app_port: int, tim
 
 def many_child() -> int:
     request = json.loads(sys.stdin.readline())
-    from localproxy.runtime import run_program
+    from localproxy.ops.runtime import run_program
 
     result = run_program(_many(request["data"], [tuple(t) for t in request["tokens"]], request["app_port"],
                                request["timeout"]))

@@ -31,7 +31,16 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _clients  # noqa: E402
-from _rig import OURS_SOURCE, ROOT, Child, ControlPlane, start_apps, start_emulator, start_pair, write_settings  # noqa: E402
+from _rig import (  # noqa: E402
+    OURS_SOURCE,
+    ROOT,
+    Child,
+    ControlPlane,
+    start_apps,
+    start_emulator,
+    start_pair,
+    write_settings,
+)
 
 MIB = 1024 * 1024
 

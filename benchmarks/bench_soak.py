@@ -36,11 +36,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from impair import Forwarder  # noqa: E402
 
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort  # noqa: E402
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.emulator import Emulator  # noqa: E402
 from localproxy.events import Connected  # noqa: E402
-from localproxy.proxy import LocalProxy  # noqa: E402
+from localproxy.proxy.local_proxy import LocalProxy  # noqa: E402
 from localproxy.settings import Settings  # noqa: E402
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort  # noqa: E402
 
 OP_TIMEOUT = 30.0
 

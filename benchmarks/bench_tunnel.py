@@ -60,9 +60,9 @@ from _rig import (  # noqa: E402
     memory_kib,
     reset_peak_rss,
     start_apps,
-    start_py_spy,
     start_emulator,
     start_pair,
+    start_py_spy,
     write_settings,
 )
 

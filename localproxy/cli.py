@@ -1,7 +1,7 @@
 """``localproxy`` command: a drop-in for the reference C++ local proxy's CLI.
 
-Parsing lives in ``localproxy.command`` (:func:`parse_command_line`), syntax in
-``localproxy.options``; this module prints, sets up logging and runs the engine.
+Parsing lives in ``localproxy.config.command_line`` (:func:`parse_command_line`), syntax in
+``localproxy.config.options``; this module prints, sets up logging and runs the engine.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import os
 import sys
 from typing import Sequence
 
-from . import __version__
-from .command import ParsedCommand, parse_command_line
-from .errors import ExitCode, LocalProxyError, UsageError
-from .logs import setup_logging
-from .options import TRY_HELP, help_text
-from .runtime import defer_import, run_program
-from .settings import export_settings
+from localproxy._version import __version__
+from localproxy.config.command_line import ParsedCommand, parse_command_line
+from localproxy.config.options import TRY_HELP, help_text
+from localproxy.config.settings_json import export_settings
+from localproxy.errors import ExitCode, LocalProxyError, UsageError
+from localproxy.ops.logs import setup_logging
+from localproxy.ops.runtime import defer_import, run_program
 
 __all__ = ["main", "parse_command_line", "ParsedCommand", "version_text"]
 
@@ -58,10 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert parsed.config is not None
     defer_unused_imports()
     try:
-        from .operations import OpsOptions
-        from .proxy import run_proxy
+        from localproxy.ops.operations import OpsOptions
+        from localproxy.serve import run_proxy
     except ImportError as exc:
-        log.critical("The proxy engine (localproxy.proxy) cannot be loaded: %s", exc)
+        log.critical("The proxy engine (localproxy.proxy.local_proxy) cannot be loaded: %s", exc)
         return ExitCode.INTERNAL
     try:
         operations = OpsOptions(parsed.metrics_port, parsed.metrics_bind)

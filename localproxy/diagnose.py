@@ -20,8 +20,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from .advice import rotate_command
-from .config import Mode
+from localproxy.tokens.advice import rotate_command
+from localproxy.types import Mode
 
 __all__ = ["main", "describe", "report"]
 

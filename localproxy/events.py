@@ -1,8 +1,8 @@
-"""Typed events a :class:`~localproxy.proxy.LocalProxy` hands to its subscribers.
+"""Typed events a :class:`~localproxy.proxy.local_proxy.LocalProxy` hands to its subscribers.
 
 ``proxy.subscribe(callback)`` calls ``callback(event)`` synchronously, in the
 event loop, for each of these. They are plain frozen dataclasses: compare them,
-log them, put them in a queue. The sans-I/O tunnel (``localproxy.tunnel``) emits
+log them, put them in a queue. The sans-I/O tunnel (``localproxy.tunnel.state``) emits
 the stream/connection ones; the proxy emits the session ones.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .errors import LocalProxyError
+from localproxy.errors import LocalProxyError
 
 # Who ended a stream or connection: this proxy's local side ("local"), the tunnel
 # peer or service ("peer"), or a newer STREAM_START for the same service ("replaced").

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 # --- global state (owner: coordinator) ------------------------------------------
-
 from collections.abc import Iterator as _Iterator
 
 import pytest as _pytest
@@ -15,7 +14,7 @@ def _undo_global_logging_state() -> _Iterator[None]:
     ``propagate = False`` and registers secrets; undo both so later tests'
     ``caplog`` still sees records, unmasked by another test's tokens."""
     yield
-    from localproxy.logs import forget_secrets, reset_logging
+    from localproxy.ops.logs import forget_secrets, reset_logging
 
     reset_logging()
     forget_secrets()  # a test's short fake token must not mask words in later tests
@@ -134,7 +133,7 @@ class RelApp:
             self.progress.set()
 
     def target(self) -> _EmulatorAny:
-        from localproxy.config import DestinationTarget
+        from localproxy.types import DestinationTarget
 
         return DestinationTarget(host="127.0.0.1", port=self.port)
 
@@ -214,7 +213,8 @@ def rel_settings(**overrides: _EmulatorAny) -> _EmulatorAny:
 
 def rel_config(mode: _EmulatorAny, token: str, emulator: _EmulatorAny, services: dict[str, _EmulatorAny],
                **kw: _EmulatorAny) -> _EmulatorAny:
-    from localproxy.config import Mode, ProxyConfig, ServiceEndpoint
+    from localproxy.config.proxy_config import ProxyConfig
+    from localproxy.types import Mode, ServiceEndpoint
 
     kw.setdefault("settings", rel_settings())
     if mode is Mode.SOURCE:
@@ -228,8 +228,8 @@ async def rel_pair_factory() -> _EmulatorAsyncIterator[_EmulatorAny]:
     """``await make(emulator, {"SSH": app}, source_kw=..., destination_kw=...)`` -> RelPair; closed at teardown."""
     from contextlib import AsyncExitStack
 
-    from localproxy.config import Mode, SourcePort
-    from localproxy.proxy import LocalProxy
+    from localproxy.proxy.local_proxy import LocalProxy
+    from localproxy.types import Mode, SourcePort
 
     async with AsyncExitStack() as stack:
 

@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("aiomqtt", reason="needs the mqtt extra")  # absent in tools/test_newest_websockets.py
 
 import trustme
+from aws_client import api_for, call
 
 import localproxy
 from localproxy.agent import (
@@ -38,15 +39,14 @@ from localproxy.agent import (
     StopReason,
 )
 from localproxy.agent.cli import main as agent_main
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.emulator import Emulator
 from localproxy.emulator.mqtt import EmbeddedBroker, notify_payload, notify_topic
 from localproxy.errors import ConfigError, HandshakeRejectedError
 from localproxy.events import Connected
-from localproxy.proxy import LocalProxy
+from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.settings import Settings
-
-from aws_client import api_for, call
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
 
 REPO_ROOT = Path(localproxy.__file__).resolve().parent.parent
 TIMEOUT = 10

@@ -30,8 +30,8 @@ from localproxy.agent.plan import (
     tunnel_key,
     tunnel_label,
 )
-from localproxy.config import V1_SERVICE, DestinationTarget
 from localproxy.errors import UsageError
+from localproxy.types import V1_SERVICE, DestinationTarget
 
 TOKEN = "AQGAAXj-secret-destination-token-Zm9vYmFy"
 SSH = DestinationTarget("localhost", 22)

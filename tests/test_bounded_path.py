@@ -25,11 +25,11 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-
 from conftest import rel_config, rel_settings
-from localproxy.config import DestinationTarget, Mode, SourcePort
+
 from localproxy.emulator import Emulator
-from localproxy.proxy import LocalProxy
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.types import DestinationTarget, Mode, SourcePort
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux socket ioctls")
 

@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 
 from localproxy.cli import main, parse_command_line
-from localproxy.command import INSECURE_WARNING, ParsedCommand
-from localproxy.config import V1_SERVICE, DestinationTarget, Mode, ServiceEndpoint, SourcePort
+from localproxy.config.command_line import INSECURE_WARNING, ParsedCommand
 from localproxy.errors import ConfigError, UsageError
-from localproxy.logs import REDACTED, redact
+from localproxy.ops.logs import REDACTED, redact
+from localproxy.types import (
+    V1_SERVICE,
+    DestinationTarget,
+    Mode,
+    ServiceEndpoint,
+    SourcePort,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "AQGAAXh" + "x" * 60  # shaped like a CAT, long enough to be unambiguous

@@ -1,4 +1,4 @@
-"""Tests of localproxy.codec: error paths, stream splitting, and differential
+"""Tests of localproxy.wire.codec: error paths, stream splitting, and differential
 property tests against google.protobuf's generated ``Message_pb2.Message``."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from localproxy._pb.Message_pb2 import Message as PbMessage
-from localproxy.codec import (
+from localproxy.errors import ProtocolError
+from localproxy.wire._pb.Message_pb2 import Message as PbMessage
+from localproxy.wire.codec import (
     MAX_FRAME_SIZE,
     MAX_PAYLOAD_SIZE,
     FrameDecoder,
@@ -22,7 +23,6 @@ from localproxy.codec import (
     encode_data_frames,
     encode_frame,
 )
-from localproxy.errors import ProtocolError
 
 PROPERTY = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -268,12 +268,12 @@ def test_near_miss_data_layouts_take_the_general_parser() -> None:
 
 @pytest.mark.parametrize("size", [1, 127, 128, 16383, 16384, MAX_PAYLOAD_SIZE])
 def test_common_data_layouts_never_reach_the_general_parser(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import localproxy._frames
+    import localproxy.wire.frames
 
     def general_parser_called(*args: object) -> None:
         raise AssertionError("general parser used for a fast-path layout")
 
-    monkeypatch.setattr(localproxy._frames, "parse_body", general_parser_called)
+    monkeypatch.setattr(localproxy.wire.frames, "parse_body", general_parser_called)
     payload = bytes(size)
     for stream_id, connection_id, service_id in [(1, 0, ""), (127, 1, "SSH"), (128, 127, ""), (16383, 0, "\u00e9")]:
         expected = Message(MessageType.DATA, stream_id, payload=payload, service_id=service_id, connection_id=connection_id)

@@ -20,11 +20,10 @@ from typing import Any
 
 import boto3
 import pytest
+from aws_client import call
 from botocore.exceptions import ClientError, ParamValidationError
 
 from localproxy.emulator import ApiError, Emulator
-
-from aws_client import call
 
 ARN_RE = re.compile(r"arn:aws:iot:us-east-1:123456789012:tunnel/[0-9a-f-]{36}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{200,}")

@@ -21,12 +21,16 @@ pytest.importorskip("amqtt", reason="needs the mqtt extra")  # absent in tools/t
 
 import aiomqtt  # noqa: E402
 import boto3  # noqa: E402
+from aws_client import api_for, call
 
 import localproxy
 from localproxy.emulator import Emulator
-from localproxy.emulator.mqtt import EmbeddedBroker, NotifyPublisher, notify_payload, notify_topic
-
-from aws_client import api_for, call
+from localproxy.emulator.mqtt import (
+    EmbeddedBroker,
+    NotifyPublisher,
+    notify_payload,
+    notify_topic,
+)
 
 REPO_ROOT = Path(localproxy.__file__).resolve().parent.parent
 TIMEOUT = 10

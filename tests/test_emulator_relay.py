@@ -21,10 +21,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from localproxy.codec import MAX_WS_MESSAGE, FrameDecoder, Message, MessageType, encode_frame
 from localproxy.emulator import Emulator
 from localproxy.emulator.gate import FrameGate
 from localproxy.emulator.handshake import ACCESS_TOKEN_USED, CLIENT_TOKEN_MISMATCH
+from localproxy.wire.codec import (
+    MAX_WS_MESSAGE,
+    FrameDecoder,
+    Message,
+    MessageType,
+    encode_frame,
+)
 
 V1 = "aws.iot.securetunneling-1.0"
 V2 = "aws.iot.securetunneling-2.0"

@@ -20,11 +20,11 @@ from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator
 
 import pytest
-
 from conftest import rel_config, rel_settings
-from localproxy.config import DestinationTarget, Mode, SourcePort
+
 from localproxy.emulator import Emulator
-from localproxy.proxy import LocalProxy
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.types import DestinationTarget, Mode, SourcePort
 
 CAP = 800_000
 TIMEOUT = 20.0
@@ -238,7 +238,7 @@ async def test_small_writes_on_a_capped_link_do_not_fill_the_kernel(capped: tupl
     """An idle sender writes a lone payload at once, skipping its task; an upload in
     small writes starting on a slow link must not so pour into the kernel's send buffer
     (as fast as the kernel takes it), where nothing can be reordered."""
-    from localproxy.sender import kernel_unsent
+    from localproxy.websocket.sender import kernel_unsent
 
     emulator, apps = capped
     async with AsyncExitStack() as stack:

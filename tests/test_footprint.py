@@ -12,11 +12,11 @@ import sys
 PROBE = """
 import json, sys
 import localproxy.cli
-from localproxy.runtime import defer_import
+from localproxy.ops.runtime import defer_import
 first = defer_import("importlib.metadata")
 again = defer_import("importlib.metadata")
 localproxy.cli.defer_unused_imports()  # as main() does
-import localproxy.proxy  # what `localproxy` imports before it connects
+import localproxy.proxy.local_proxy  # what `localproxy` imports before it connects
 loaded = {name: name in sys.modules for name in ("google.protobuf", "cryptography", "zipfile", "http.client")}
 deferred = type(sys.modules["importlib.metadata"]).__name__
 import importlib.metadata

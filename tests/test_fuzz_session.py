@@ -26,12 +26,19 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from localproxy.codec import FrameDecoder, Message, MessageType, encode_frame
-from localproxy.config import Mode, SourcePort
 from localproxy.emulator import Emulator
 from localproxy.errors import LocalProxyError, ProtocolError
-from localproxy.events import Connected, ConnectionStarted, Disconnected, ErrorEvent, StreamStarted, TunnelReady
-from localproxy.proxy import LocalProxy
+from localproxy.events import (
+    Connected,
+    ConnectionStarted,
+    Disconnected,
+    ErrorEvent,
+    StreamStarted,
+    TunnelReady,
+)
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.types import Mode, SourcePort
+from localproxy.wire.codec import FrameDecoder, Message, MessageType, encode_frame
 
 TIMEOUT = 10.0
 FUZZ_SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,

@@ -1,4 +1,4 @@
-"""localproxy.logs: reference log format, -v levels, secret redaction."""
+"""localproxy.ops.logs: reference log format, -v levels, secret redaction."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import secrets
 
 import pytest
 
-from localproxy.logs import (
+from localproxy.ops.logs import (
     REDACTED,
     TRACE,
     RedactingFilter,

@@ -10,9 +10,9 @@ import os
 import secrets
 from typing import Any
 
-from localproxy.logs import REDACTED, log_tunnel, register_secret, setup_logging
-
 from proxyproc import ProxyProcess
+
+from localproxy.ops.logs import REDACTED, log_tunnel, register_secret, setup_logging
 
 
 def test_json_lines_have_fields_and_redact_secrets() -> None:

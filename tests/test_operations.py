@@ -10,19 +10,24 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from localproxy.cli import main as proxy_main
-from localproxy.codec import MessageType, encode_frame
-from localproxy.command import parse_command_line
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint
-from localproxy.errors import AccessTokenUsedError, ClientTokenMismatchError, ConfigError, ExitCode
-from localproxy.metrics import MISSING_LIBRARY, MetricsServer
-from localproxy.operations import Operations, OpsOptions
-from localproxy.proxy import LocalProxy
-from localproxy.codec import Message
-from localproxy.settings import V3
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
+
+from localproxy.cli import main as proxy_main
+from localproxy.config.command_line import parse_command_line
+from localproxy.config.proxy_config import ProxyConfig
+from localproxy.errors import (
+    AccessTokenUsedError,
+    ClientTokenMismatchError,
+    ConfigError,
+    ExitCode,
+)
+from localproxy.ops.metrics import MISSING_LIBRARY, MetricsServer
+from localproxy.ops.operations import Operations, OpsOptions
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.settings import V3
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint
+from localproxy.wire.codec import Message, MessageType, encode_frame
 
 TIMEOUT = 10
 CLIENT_TOKENS = ("a" * 32 + "-source-client-token", "b" * 32 + "-destination-client-token")

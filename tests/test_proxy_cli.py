@@ -9,12 +9,10 @@ import signal
 from typing import AsyncIterator
 
 import pytest
+from proxyproc import LISTENING, TIMEOUT, ProxyProcess, echo_app
 
 from localproxy.emulator import Emulator
 from localproxy.errors import ExitCode
-
-from proxyproc import LISTENING, TIMEOUT, ProxyProcess, echo_app
-
 
 
 @pytest.fixture

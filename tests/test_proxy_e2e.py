@@ -16,16 +16,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from localproxy import adapters
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.emulator import Emulator
 from localproxy.errors import (
     ConfigError,
-    ExitCode,
-    TunnelClosedError,
     ConnectionFailedError,
+    ExitCode,
     HandshakeRejectedError,
     ProtocolError,
+    TunnelClosedError,
 )
 from localproxy.events import (
     Connected,
@@ -37,8 +36,11 @@ from localproxy.events import (
     StreamStarted,
     TunnelReady,
 )
-from localproxy.proxy import LocalProxy, run_proxy
+from localproxy.local import adapters
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.serve import run_proxy
 from localproxy.settings import V1, V2, V3, Settings
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
 
 TIMEOUT = 10
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
-from localproxy.emulator import Emulator
-from localproxy.proxy import LocalProxy
-from localproxy.settings import Settings
-
 from connect_proxy import ConnectProxy
 from proxyproc import TIMEOUT, echo_app
+
+from localproxy.config.proxy_config import ProxyConfig
+from localproxy.emulator import Emulator
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.settings import Settings
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
 
 
 async def test_data_flows_through_a_connect_proxy_with_basic_auth() -> None:

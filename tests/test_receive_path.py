@@ -7,8 +7,8 @@ import asyncio
 import os
 from typing import Any
 
-from localproxy.codec import encode_data_frame
 from localproxy.events import ConnectionStarted
+from localproxy.wire.codec import encode_data_frame
 
 
 async def test_fragmented_message_split_mid_frame_arrives_intact(emulator: Any, rel_kit: Any,

@@ -17,11 +17,11 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from localproxy.codec import Message, MessageType, encode_frame
-from localproxy.config import Mode
 from localproxy.errors import HandshakeRejectedError, ServiceUnavailableError
 from localproxy.events import ErrorEvent, StreamStarted
-from localproxy.proxy import LocalProxy
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.types import Mode
+from localproxy.wire.codec import Message, MessageType, encode_frame
 
 TIMEOUT = 10.0
 MIB = 1024 * 1024

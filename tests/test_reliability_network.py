@@ -18,20 +18,25 @@ from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import pytest
+from impair import Forwarder
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from localproxy.codec import Message, MessageType, encode_frame
-from localproxy.config import Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.emulator import Emulator
 from localproxy.events import Connected, Disconnected
-from localproxy.keepalive import DEAD_AFTER_PERIODS, MAX_UNANSWERED_PINGS, KeepaliveConnection, Liveness
-from localproxy.proxy import LocalProxy
-from localproxy.session import open_session
+from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.settings import Settings
-
-from impair import Forwarder
+from localproxy.types import Mode, ServiceEndpoint, SourcePort
+from localproxy.websocket.keepalive import (
+    DEAD_AFTER_PERIODS,
+    MAX_UNANSWERED_PINGS,
+    KeepaliveConnection,
+    Liveness,
+)
+from localproxy.websocket.session import open_session
+from localproxy.wire.codec import Message, MessageType, encode_frame
 
 TIMEOUT = 10.0
 V3 = "aws.iot.securetunneling-3.0"

@@ -12,11 +12,17 @@ from typing import Any
 
 from websockets.asyncio.server import serve
 
-from localproxy.codec import MAX_WS_MESSAGE, FrameDecoder, Message, MessageType, encode_frame
-from localproxy.config import Mode, SourcePort
-from localproxy.proxy import LocalProxy
-from localproxy.runtime import tune_allocator
+from localproxy.ops.runtime import tune_allocator
+from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.settings import V3
+from localproxy.types import Mode, SourcePort
+from localproxy.wire.codec import (
+    MAX_WS_MESSAGE,
+    FrameDecoder,
+    Message,
+    MessageType,
+    encode_frame,
+)
 
 TIMEOUT = 10.0
 SIZE = 3 * 1024 * 1024 + 12345

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from localproxy.codec import FrameDecoder, Message, MessageType
-from localproxy.pacing import Pacer
-from localproxy.receive_policy import ReceiveGate
-from localproxy.scheduler import MIN_CHUNK, MIN_TAIL, SendScheduler
-from localproxy.tunnel_actions import DataFramer, control_frame
+from localproxy.tunnel.actions import DataFramer, control_frame
+from localproxy.tunnel.pacing import Pacer
+from localproxy.tunnel.receive_policy import ReceiveGate
+from localproxy.tunnel.scheduler import MIN_CHUNK, MIN_TAIL, SendScheduler
+from localproxy.wire.codec import FrameDecoder, Message, MessageType
 
 T = MessageType
 MAX_PAYLOAD = 64512

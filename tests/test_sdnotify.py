@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from proxyproc import ProxyProcess, echo_app
 
 from localproxy.emulator import Emulator
-from localproxy.sdnotify import ServiceNotifier, watchdog_interval
-
-from proxyproc import ProxyProcess, echo_app
+from localproxy.ops.sdnotify import ServiceNotifier, watchdog_interval
 
 TIMEOUT = 10
 

@@ -15,13 +15,13 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from localproxy.codec import MAX_WS_MESSAGE, Message, MessageType, encode_frame
-from localproxy.config import Mode, SourcePort
 from localproxy.emulator import Emulator
 from localproxy.errors import ConnectionFailedError, ProtocolError
 from localproxy.events import Connected, ErrorEvent
-from localproxy.proxy import LocalProxy
+from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.settings import V3
+from localproxy.types import Mode, SourcePort
+from localproxy.wire.codec import MAX_WS_MESSAGE, Message, MessageType, encode_frame
 
 TIMEOUT = 10.0
 CLIENT_TOKEN = "security-client-token-0123456789abcdef"

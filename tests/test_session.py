@@ -1,4 +1,4 @@
-"""localproxy.session: one websocket attempt, headers, TLS, HTTPS proxy, typed rejections.
+"""localproxy.websocket.session: one websocket attempt, headers, TLS, HTTPS proxy, typed rejections.
 
 Real sockets on loopback: a raw HTTP server that answers refusals, a real
 websockets server, a real CONNECT proxy written here, and the emulator.
@@ -18,11 +18,12 @@ from dataclasses import replace
 
 import pytest
 import trustme
+from connect_proxy import ConnectProxy
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import (
     AccessTokenUsedError,
     ClientTokenMismatchError,
@@ -34,10 +35,14 @@ from localproxy.errors import (
     ServiceUnavailableError,
     UsageError,
 )
-from localproxy.session import Backoff, normalize_proxy_url, open_session, user_agent
-
-from connect_proxy import ConnectProxy
 from localproxy.settings import V2, V3, Settings
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
+from localproxy.websocket.session import (
+    Backoff,
+    normalize_proxy_url,
+    open_session,
+    user_agent,
+)
 
 ACCESS_TOKEN = "AQGAAXiTest" + uuid.uuid4().hex + "AccessToken"
 CLIENT_TOKEN = "client-" + uuid.uuid4().hex
@@ -186,7 +191,7 @@ async def test_destination_advice_names_thing_and_services_placeholders(monkeypa
 
 
 def test_advice_region_from_host_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from localproxy.advice import region_of
+    from localproxy.tokens.advice import region_of
 
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
@@ -206,7 +211,7 @@ async def test_token_echoed_in_body_is_redacted() -> None:
 
 
 async def test_classification_ignores_masking_of_short_secrets() -> None:
-    from localproxy.logs import register_secret
+    from localproxy.ops.logs import register_secret
 
     register_secret("token")  # a (silly) secret that is also a word of the body
     async with RawHttpServer(http_response(400, "Bad Request", USED_BODY)) as server:

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from localproxy.cli import parse_command_line
-from localproxy.errors import ConfigError, UsageError
-from localproxy.settings import (
-    V1,
-    Settings,
+from localproxy.config.settings_json import (
     export_settings,
     load_settings_json,
     settings_from_tree,
     settings_to_tree,
 )
+from localproxy.errors import ConfigError, UsageError
+from localproxy.settings import V1, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

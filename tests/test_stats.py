@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from localproxy.codec import Message, MessageType
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig, tunnel_label
 from localproxy.emulator.mqtt import notify_payload
 from localproxy.errors import (
     AccessTokenUsedError,
@@ -19,11 +18,13 @@ from localproxy.errors import (
     ServiceUnavailableError,
     TunnelClosedError,
 )
-from localproxy.metrics import metric_families
-from localproxy.operations import agent_status, proxy_status
+from localproxy.ops.metrics import metric_families
+from localproxy.ops.operations import agent_status, proxy_status
+from localproxy.ops.stats import AgentStats, ProxyCounters, refusal_class
 from localproxy.settings import V2, V3
-from localproxy.stats import AgentStats, ProxyCounters, refusal_class, tunnel_label
-from localproxy.tunnel import TunnelState
+from localproxy.tunnel.state import TunnelState
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
+from localproxy.wire.codec import Message, MessageType
 
 T = MessageType
 SSH = DestinationTarget("127.0.0.1", 22)
@@ -143,7 +144,7 @@ def test_agent_status_wording() -> None:
 
 
 def test_metric_labels_are_redacted() -> None:
-    from localproxy.logs import REDACTED, register_secret
+    from localproxy.ops.logs import REDACTED, register_secret
 
     register_secret("embedder-secret-token")
     stats = ProxyCounters().snapshot("name-embedder-secret-token", "source", services=("SSH",), active={},

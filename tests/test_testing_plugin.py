@@ -101,7 +101,7 @@ def test_plugin_import_is_light() -> None:
     neither the emulator, the proxy, websockets nor boto3."""
     code = (
         "import sys, localproxy.testing\n"
-        "heavy = [m for m in ('localproxy.emulator', 'localproxy.proxy', 'websockets', 'boto3') if m in sys.modules]\n"
+        "heavy = [m for m in ('localproxy.emulator', 'localproxy.proxy.local_proxy', 'websockets', 'boto3') if m in sys.modules]\n"
         "print(heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)

@@ -1,4 +1,4 @@
-"""localproxy.tokens: client tokens (given / file / generated) and rotation on reject.
+"""localproxy.tokens.source: client tokens (given / file / generated) and rotation on reject.
 
 Rotation runs real boto3 against the emulator's control plane (AWS_ENDPOINT_URL).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import (
     AccessTokenUsedError,
     ClientTokenMismatchError,
@@ -23,9 +23,14 @@ from localproxy.errors import (
     HandshakeRejectedError,
     ServiceUnavailableError,
 )
-from localproxy.session import open_session
 from localproxy.settings import Settings
-from localproxy.tokens import CLIENT_TOKEN_RE, TokenSource, load_or_create_client_token
+from localproxy.tokens.source import (
+    CLIENT_TOKEN_RE,
+    TokenSource,
+    load_or_create_client_token,
+)
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
+from localproxy.websocket.session import open_session
 
 ACCESS_TOKEN = "unit-test-access-token-" + "A" * 40
 

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
+from proxyproc import LISTENING, TIMEOUT, ProxyProcess, echo_app
 from websockets.asyncio.client import connect
 
 from localproxy.emulator import Emulator
 from localproxy.errors import ExitCode
-
-from proxyproc import LISTENING, TIMEOUT, ProxyProcess, echo_app
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from localproxy.codec import FrameDecoder, Message, MessageType
-from localproxy.config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
+from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import ConfigError, ProtocolError
 from localproxy.events import (
     ConnectionRejected,
@@ -21,8 +20,7 @@ from localproxy.events import (
     TunnelReady,
 )
 from localproxy.settings import V1, V2, V3, Settings
-from localproxy.tunnel import TunnelState
-from localproxy.tunnel_actions import (
+from localproxy.tunnel.actions import (
     Close,
     Connect,
     DataFramer,
@@ -37,7 +35,10 @@ from localproxy.tunnel_actions import (
     StopListen,
     Write,
 )
-from localproxy.tunnel_services import resolve_services
+from localproxy.tunnel.services import resolve_services
+from localproxy.tunnel.state import TunnelState
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
+from localproxy.wire.codec import FrameDecoder, Message, MessageType
 
 T = MessageType
 SENDS = (Send, SendData)
@@ -273,7 +274,7 @@ def test_source_data_of_memoryview_and_bytearray() -> None:
 
 
 def test_data_framer_matches_encode_frame() -> None:
-    from localproxy.codec import encode_frame
+    from localproxy.wire.codec import encode_frame
 
     for service, connection in (("", 0), ("SSH", 0), ("SSH", 7), ("", 300)):
         framer = DataFramer(12345, service, connection, 64512)

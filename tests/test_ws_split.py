@@ -16,9 +16,9 @@ from websockets.asyncio.client import connect
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Protocol, Side
 
-from localproxy.codec import FrameDecoder, encode_data_frame
-from localproxy.ws_connection import TunnelConnection
-from localproxy.ws_split import WebsocketSplitter
+from localproxy.websocket.connection import TunnelConnection
+from localproxy.wire.codec import FrameDecoder, encode_data_frame
+from localproxy.wire.ws_frames import WebsocketSplitter
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TIMEOUT = 10.0

@@ -1,4 +1,4 @@
-"""Regenerate localproxy/_pb/Message_pb2.py from proto/Message.proto.
+"""Regenerate localproxy/wire/_pb/Message_pb2.py from proto/Message.proto.
 
 Needs the dev extra (grpcio-tools bundles protoc): pip install -e '.[dev]'
 Run from anywhere: python tools/gen_proto.py
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     from grpc_tools import protoc  # dev-only dependency
 
-    out = ROOT / "localproxy" / "_pb"
+    out = ROOT / "localproxy" / "wire" / "_pb"
     args = [
         "protoc",
         f"--proto_path={ROOT / 'proto'}",

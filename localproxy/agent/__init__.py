@@ -13,8 +13,8 @@ See ``agent.py`` (what it does), ``plan.py`` (tunnel identity, --max-tunnels),
 
 from __future__ import annotations
 
-from .agent import DEFAULT_MAX_TUNNELS, DeviceAgent
-from .events import (
+from localproxy.agent.agent import DEFAULT_MAX_TUNNELS, DeviceAgent
+from localproxy.agent.events import (
     AgentEvent,
     MqttConnected,
     MqttDisconnected,
@@ -25,9 +25,14 @@ from .events import (
     ProxyStarted,
     ProxyStopped,
 )
-from .mqtt import MqttSettings
-from .notify import InvalidNotification, Notification, notify_topic, parse_notification
-from .plan import StopReason, TunnelKey, WhenFull
+from localproxy.agent.mqtt import MqttSettings
+from localproxy.agent.notify import (
+    InvalidNotification,
+    Notification,
+    notify_topic,
+    parse_notification,
+)
+from localproxy.agent.plan import StopReason, TunnelKey, WhenFull
 
 __all__ = [
     "DEFAULT_MAX_TUNNELS",

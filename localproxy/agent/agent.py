@@ -6,7 +6,7 @@ are handled one at a time, in arrival order. For each, the sans-I/O
 decision: every :class:`~localproxy.agent.plan.Stop` is closed and *awaited*
 before the :class:`~localproxy.agent.plan.Start` connects, so a rotation never
 leaves two destination sessions for one tunnel. Each proxy is the engine's
-:class:`~localproxy.proxy.LocalProxy` in this event loop, with its own generated
+:class:`~localproxy.proxy.local_proxy.LocalProxy` in this event loop, with its own generated
 client token (reconnects within its life reuse the access token). A proxy that
 stops by itself (token refused, tunnel closed) is logged and forgotten: the
 next rotation brings a new token.
@@ -19,14 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Self
 
-from ..config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint
-from ..errors import LocalProxyError
-from ..events import Event as ProxyEngineEvent
-from ..logs import register_secret
-from ..proxy import LocalProxy
-from ..settings import Settings
-from ..stats import AgentStats
-from .events import (
+from localproxy.agent.events import (
     AgentEvent,
     NotificationIgnored,
     NotificationReceived,
@@ -35,10 +28,33 @@ from .events import (
     ProxyStarted,
     ProxyStopped,
 )
-from .mqtt import MqttLink, MqttSettings
-from .notify import NOTIFY_TOPIC_TEMPLATE, InvalidNotification, notify_topic, parse_notification
-from .plan import Ignore, Reject, Start, Stop, StopReason, TunnelKey, TunnelPlanner, WhenFull, tunnel_label
-from .stats import AgentCounters
+from localproxy.agent.mqtt import MqttLink, MqttSettings
+from localproxy.agent.notify import (
+    NOTIFY_TOPIC_TEMPLATE,
+    InvalidNotification,
+    notify_topic,
+    parse_notification,
+)
+from localproxy.agent.plan import (
+    Ignore,
+    Reject,
+    Start,
+    Stop,
+    StopReason,
+    TunnelKey,
+    TunnelPlanner,
+    WhenFull,
+    tunnel_label,
+)
+from localproxy.agent.stats import AgentCounters
+from localproxy.config.proxy_config import ProxyConfig
+from localproxy.errors import LocalProxyError
+from localproxy.events import Event as ProxyEngineEvent
+from localproxy.ops.logs import register_secret
+from localproxy.ops.stats import AgentStats
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.settings import Settings
+from localproxy.types import DestinationTarget, Mode, ServiceEndpoint
 
 __all__ = ["DEFAULT_MAX_TUNNELS", "DeviceAgent"]
 
@@ -132,7 +148,7 @@ class DeviceAgent:
         return self.planner.running
 
     def stats(self) -> AgentStats:
-        """A snapshot of the agent's counters and of each running proxy's (:mod:`localproxy.stats`)."""
+        """A snapshot of the agent's counters and of each running proxy's (:mod:`localproxy.ops.stats`)."""
         proxies = tuple(proxy.stats() for proxy in self._proxies.values())
         return self._counters.snapshot(len(self.planner.running), proxies)
 

@@ -11,27 +11,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
-from .. import __version__
-from ..command import INSECURE_WARNING, https_proxy_from_environment, operations_options
-from ..config import Mode, ServiceTarget
-from ..errors import ExitCode, LocalProxyError, UsageError
-from ..logs import setup_logging
-from ..operations import OpsOptions, serve_agent
-from ..runtime import run_program, stop_on_signals
-from ..mappings import Notes, parse_mapping, read_config_dir
-from ..settings import Settings, load_settings_json
-from .agent import DEFAULT_MAX_TUNNELS, DeviceAgent
-from .mqtt import MqttSettings, paho_logger
-from .notify import NOTIFY_TOPIC_TEMPLATE
-from .plan import WhenFull
+from localproxy._version import __version__
+from localproxy.agent.agent import DEFAULT_MAX_TUNNELS, DeviceAgent
+from localproxy.agent.events import (
+    MqttConnected,
+    MqttDisconnected,
+    ProxyEvent,
+    ProxyStarted,
+    ProxyStopped,
+)
+from localproxy.agent.mqtt import MqttSettings, paho_logger
+from localproxy.agent.notify import NOTIFY_TOPIC_TEMPLATE
+from localproxy.agent.plan import WhenFull
+from localproxy.config.command_line import (
+    INSECURE_WARNING,
+    https_proxy_from_environment,
+    operations_options,
+)
+from localproxy.config.mappings import Notes, parse_mapping, read_config_dir
+from localproxy.config.settings_json import load_settings_json
+from localproxy.errors import ExitCode, LocalProxyError, UsageError
+from localproxy.events import Connected, Disconnected
+from localproxy.ops.logs import setup_logging
+from localproxy.ops.operations import Operations, OpsOptions, agent_status
+from localproxy.ops.runtime import run_program, stop_on_signals
+from localproxy.settings import Settings
+from localproxy.types import Mode, ServiceTarget
 
-__all__ = ["agent_from_args", "build_parser", "main"]
+if TYPE_CHECKING:
+    from localproxy.ops.metrics import Gathered
+
+__all__ = ["agent_from_args", "build_parser", "main", "serve_agent"]
 
 log = logging.getLogger("localproxy.agent.cli")
 PROG = "localproxy-agent"
@@ -202,3 +219,29 @@ async def run_agent(agent: DeviceAgent, operations: OpsOptions | None = None) ->
             await stop.wait()
             log.info("Stopping: closing the destination proxies and the MQTT connection")
     return ExitCode.OK
+
+
+@contextlib.asynccontextmanager
+async def serve_agent(options: OpsOptions, agent: DeviceAgent) -> AsyncIterator[Operations]:
+    """Around a not yet started agent: metrics of it and its proxies, READY=1 once subscribed."""
+    def gather() -> "Gathered":
+        stats = agent.stats()
+        return list(stats.proxies), stats
+
+    operations = Operations(options, gather)
+    await operations.start()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, ProxyEvent):
+            if not isinstance(event.event, (Connected, Disconnected)):
+                return  # per-connection events do not change the status
+        elif not isinstance(event, (MqttConnected, MqttDisconnected, ProxyStarted, ProxyStopped)):
+            return
+        operations.report(isinstance(event, MqttConnected), agent_status(agent.stats()))
+
+    unsubscribe = agent.subscribe(on_event)
+    try:
+        yield operations
+    finally:
+        unsubscribe()
+        await operations.close()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LocalProxyError
-from ..events import Event as ProxyEngineEvent
-from .plan import StopReason, TunnelKey
+from localproxy.agent.plan import StopReason, TunnelKey
+from localproxy.errors import LocalProxyError
+from localproxy.events import Event as ProxyEngineEvent
 
 __all__ = [
     "AgentEvent",

@@ -5,7 +5,7 @@ Amazon root CA (port 443 works too, with ALPN ``x-amzn-mqtt-ca``). A local
 broker in tests is plain TCP: ``mqtt://host:port`` or ``--no-tls``.
 
 The connection is kept with decorrelated-jitter backoff between attempts
-(``localproxy.session.Backoff``: first retry after ``retry_delay_ms``, then up
+(``localproxy.websocket.session.Backoff``: first retry after ``retry_delay_ms``, then up
 to 3x the previous delay, capped at ``max_retry_delay_ms``), reset once a
 connection is up and subscribed. Every (re)connect subscribes again, so a
 broker that lost its sessions (a restart) still delivers the next
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import aiomqtt
 
-from ..config import split_host_port
-from ..errors import ConfigError, UsageError
-from ..mappings import validate_host
-from ..session import Backoff
-from .events import AgentEvent, MqttConnected, MqttDisconnected
-from .notify import NOTIFY_TOPIC_TEMPLATE
+from localproxy.agent.events import AgentEvent, MqttConnected, MqttDisconnected
+from localproxy.agent.notify import NOTIFY_TOPIC_TEMPLATE
+from localproxy.config.mappings import validate_host
+from localproxy.errors import ConfigError, UsageError
+from localproxy.types import split_host_port
+from localproxy.websocket.session import Backoff
 
 __all__ = ["MqttLink", "MqttSettings"]
 

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ..errors import LocalProxyError, UsageError
+from localproxy.errors import LocalProxyError, UsageError
 
 __all__ = [
     "MAX_NOTIFICATION_BYTES",
@@ -39,7 +39,7 @@ MAX_ACCESS_TOKEN_LENGTH = 4096  # the proxy's own limit on -t
 MAX_NOTIFICATION_BYTES = 64 * 1024
 
 REGION_PATTERN = re.compile(r"^[a-z0-9-]+$")
-SERVICE_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+$")  # as -d/-s mappings (localproxy.mappings)
+SERVICE_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+$")  # as -d/-s mappings (localproxy.config.mappings)
 THING_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 _MAX_SERVICE_ID_LENGTH = 128
 _MAX_REGION_LENGTH = 64

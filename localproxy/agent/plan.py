@@ -30,8 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..config import V1_SERVICE, DestinationTarget
-from .notify import InvalidNotification, Notification, parse_notification
+from localproxy.agent.notify import (
+    InvalidNotification,
+    Notification,
+    parse_notification,
+)
+from localproxy.types import V1_SERVICE, DestinationTarget
 
 __all__ = [
     "Action",

@@ -1,12 +1,11 @@
-"""The device agent's counters, kept from the events it emits (see :mod:`localproxy.stats`)."""
+"""The device agent's counters, kept from the events it emits (see :mod:`localproxy.ops.stats`)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from types import MappingProxyType
 
-from ..stats import AgentStats, ProxyStats
-from .events import (
+from localproxy.agent.events import (
     AgentEvent,
     MqttConnected,
     MqttDisconnected,
@@ -14,6 +13,7 @@ from .events import (
     NotificationRejected,
     ProxyStarted,
 )
+from localproxy.ops.stats import AgentStats, ProxyStats
 
 __all__ = ["AgentCounters"]
 

@@ -7,8 +7,8 @@ it as a program. See ``core.Emulator`` for the library API.
 
 from __future__ import annotations
 
-from .core import Emulator, TunnelInfo
-from .events import EmulatorEvent
-from .store import ApiError
+from localproxy.emulator.core import Emulator, TunnelInfo
+from localproxy.emulator.events import EmulatorEvent
+from localproxy.emulator.store import ApiError
 
 __all__ = ["ApiError", "Emulator", "EmulatorEvent", "TunnelInfo"]

@@ -21,9 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..runtime import run_program, stop_on_signals
-from .core import Emulator
-from .faults import SERVICE_BANDWIDTH
+from localproxy.emulator.core import Emulator
+from localproxy.emulator.faults import SERVICE_BANDWIDTH
+from localproxy.ops.runtime import run_program, stop_on_signals
 
 logger = logging.getLogger("localproxy.emulator")
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        from .demo import run_demo
+        from localproxy.emulator.demo import run_demo
 
         return run_demo(args)
     if (args.cert is None) != (args.key is None):
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.cert, args.key):
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
-    from localproxy.logs import setup_logging
+    from localproxy.ops.logs import setup_logging
 
     setup_logging(args.verbose, sys.stderr)  # stdout carries the JSON line
     try:

@@ -25,8 +25,8 @@ import uuid
 from email.utils import formatdate
 from typing import Any, Callable
 
-from .shapes import NEXT_TOKEN_RE, THING_NAME_RE, Validator
-from .store import ApiError, Store
+from localproxy.emulator.shapes import NEXT_TOKEN_RE, THING_NAME_RE, Validator
+from localproxy.emulator.store import ApiError, Store
 
 logger = logging.getLogger("localproxy.emulator.api")
 

@@ -20,15 +20,15 @@ from typing import Any
 
 from websockets.asyncio.server import Server
 
-from . import certs
-from .api import ControlPlane
-from .events import EmulatorEvent, EventLog
-from .faults import CAPPED_SEGMENT_SIZE, Faults
-from .front import FrontConfig
-from .mqtt import EmbeddedBroker, NotifyPublisher
-from .relay import Relay
-from .server import DataPlane, start_server
-from .store import Side, Store, Tunnel
+from localproxy.emulator import certs
+from localproxy.emulator.api import ControlPlane
+from localproxy.emulator.events import EmulatorEvent, EventLog
+from localproxy.emulator.faults import CAPPED_SEGMENT_SIZE, Faults
+from localproxy.emulator.front import FrontConfig
+from localproxy.emulator.mqtt import EmbeddedBroker, NotifyPublisher
+from localproxy.emulator.relay import Relay
+from localproxy.emulator.server import DataPlane, start_server
+from localproxy.emulator.store import Side, Store, Tunnel
 
 logger = logging.getLogger("localproxy.emulator")
 

@@ -46,11 +46,12 @@ async def _round_trip(port: int, payload: bytes) -> bytes:
 
 
 async def demo(out: TextIO = sys.stdout) -> int:
-    from ..config import DestinationTarget, Mode, ProxyConfig, ServiceEndpoint, SourcePort
-    from ..errors import LocalProxyError
-    from ..proxy import LocalProxy
-    from ..settings import Settings
-    from . import Emulator
+    from localproxy.config.proxy_config import ProxyConfig
+    from localproxy.emulator import Emulator
+    from localproxy.errors import LocalProxyError
+    from localproxy.proxy.local_proxy import LocalProxy
+    from localproxy.settings import Settings
+    from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, SourcePort
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)

@@ -13,7 +13,7 @@ documented ``create_connection`` hook) that reads the request head itself first:
 After a ``GET`` head, the relay's hot path skips websockets' frame parser and
 writer (which copy each payload three to five times): a masked binary message, or
 a fragment of one, is cut from the received bytes and unmasked by
-:class:`~localproxy.ws_split.WebsocketSplitter` and handed to websockets' message
+:class:`~localproxy.wire.ws_frames.WebsocketSplitter` and handed to websockets' message
 queue as the frame websockets would have made (so ``recv()``, its read-ahead limit
 and pause work as before); every other frame (ping, close, text, anything
 malformed) still goes to websockets' parser, at a frame boundary.
@@ -38,10 +38,13 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from localproxy.codec import BytesLike
-from localproxy.ws_split import WebsocketSplitter, binary_frame_header, message_size_limit
-
-from .handshake import MAX_REQUEST_HEAD, Admission
+from localproxy.emulator.handshake import MAX_REQUEST_HEAD, Admission
+from localproxy.wire.codec import BytesLike
+from localproxy.wire.ws_frames import (
+    WebsocketSplitter,
+    binary_frame_header,
+    message_size_limit,
+)
 
 logger = logging.getLogger("localproxy.emulator.front")
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from localproxy.codec import MAX_WS_MESSAGE, FrameDecoder, Message, MessageType
+from localproxy.emulator.store import Side
 from localproxy.errors import ProtocolError
-
-from .store import Side
+from localproxy.wire.codec import MAX_WS_MESSAGE, FrameDecoder, Message, MessageType
 
 DATA = MessageType.DATA
 STREAM_BOUND = frozenset(

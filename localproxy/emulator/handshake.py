@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from .store import AccessToken, Side, Store
+from localproxy.emulator.store import AccessToken, Side, Store
 
 SUBPROTOCOL_VERSIONS: dict[str, int] = {
     "aws.iot.securetunneling-3.0": 3,

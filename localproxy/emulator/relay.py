@@ -42,15 +42,14 @@ from typing import Any, Coroutine
 
 from websockets.exceptions import ConnectionClosed
 
-from localproxy.codec import Message, MessageType, encode_frame
-from localproxy.sender import NOTSENT_LOWAT
-
-from .events import EventLog
-from .faults import Faults, TokenBucket, capped_rcvbuf
-from .front import FrontConnection
-from .gate import FrameGate
-from .handshake import Admission
-from .store import Side, Store
+from localproxy.emulator.events import EventLog
+from localproxy.emulator.faults import Faults, TokenBucket, capped_rcvbuf
+from localproxy.emulator.front import FrontConnection
+from localproxy.emulator.gate import FrameGate
+from localproxy.emulator.handshake import Admission
+from localproxy.emulator.store import Side, Store
+from localproxy.sockopts import NOTSENT_LOWAT
+from localproxy.wire.codec import Message, MessageType, encode_frame
 
 logger = logging.getLogger("localproxy.emulator.relay")
 

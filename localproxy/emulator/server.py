@@ -18,14 +18,18 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from localproxy.codec import MAX_WS_MESSAGE
-
-from .events import EventLog
-from .faults import Faults
-from .front import FrontConfig, FrontConnection
-from .handshake import Rejection, choose_subprotocol, commit, evaluate
-from .relay import Relay
-from .store import Store
+from localproxy.emulator.events import EventLog
+from localproxy.emulator.faults import Faults
+from localproxy.emulator.front import FrontConfig, FrontConnection
+from localproxy.emulator.handshake import (
+    Rejection,
+    choose_subprotocol,
+    commit,
+    evaluate,
+)
+from localproxy.emulator.relay import Relay
+from localproxy.emulator.store import Store
+from localproxy.wire.codec import MAX_WS_MESSAGE
 
 logger = logging.getLogger("localproxy.emulator.server")
 

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import Any
 
-from .store import ApiError
+from localproxy.emulator.store import ApiError
 
 SERVICE_RE = re.compile(r"[a-zA-Z0-9:_-]+")
 THING_NAME_RE = SERVICE_RE

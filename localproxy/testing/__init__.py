@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import pytest
 
 if TYPE_CHECKING:
-    from ..emulator import Emulator
-    from .pair import PairFactory
+    from localproxy.emulator import Emulator
+    from localproxy.testing.pair import PairFactory
 
 __all__ = ["tunnel_pair", "tunneling_client", "tunneling_service", "tunneling_service_tls"]
 
@@ -57,7 +57,7 @@ def _async_fixture(function: F) -> F:
 @_async_fixture
 async def tunneling_service() -> AsyncIterator[Emulator]:
     """A started emulator of the tunneling service (ws:// and http://) on a free loopback port."""
-    from ..emulator import Emulator
+    from localproxy.emulator import Emulator
 
     async with Emulator(host="127.0.0.1", port=0) as service:
         yield service
@@ -66,7 +66,7 @@ async def tunneling_service() -> AsyncIterator[Emulator]:
 @_async_fixture
 async def tunneling_service_tls() -> AsyncIterator[Emulator]:
     """A started emulator over wss:// and https://, with a CA of its own (``.ca_pem_path``, ``.capath``)."""
-    from ..emulator import Emulator
+    from localproxy.emulator import Emulator
 
     async with Emulator(host="127.0.0.1", port=0, tls=True) as service:
         yield service
@@ -75,7 +75,7 @@ async def tunneling_service_tls() -> AsyncIterator[Emulator]:
 @_async_fixture
 async def tunnel_pair(tunneling_service: Emulator) -> AsyncIterator[PairFactory]:
     """``await tunnel_pair({"SSH": local_port, ...}, processes=False)`` -> a running ``TunnelPair``."""
-    from .pair import PairFactory
+    from localproxy.testing.pair import PairFactory
 
     factory = PairFactory(tunneling_service)
     try:
@@ -88,7 +88,7 @@ async def tunnel_pair(tunneling_service: Emulator) -> AsyncIterator[PairFactory]
 def tunneling_client(tunneling_service: Emulator) -> Any:
     """A boto3 ``iotsecuretunneling`` client for ``tunneling_service`` (needs boto3)."""
     try:
-        from .aws import api_for
+        from localproxy.testing.aws import api_for
     except ImportError as error:
         problem = str(error)
     else:

@@ -1,6 +1,6 @@
 """A source and a destination proxy joined through the emulator: what ``tunnel_pair`` makes.
 
-In-process (:class:`~localproxy.proxy.LocalProxy` in the test's event loop) by
+In-process (:class:`~localproxy.proxy.local_proxy.LocalProxy` in the test's event loop) by
 default, or the ``localproxy`` command as two child processes. Everything a pair
 started is stopped by :meth:`TunnelPair.close` (the fixture calls it at teardown).
 """
@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Mode, ProxyConfig, ServiceEndpoint, SourcePort
-from ..mappings import parse_mapping
-from ..proxy import LocalProxy
-from ..settings import Settings, export_settings
-from .processes import LISTENING, ProxyProcess
+from localproxy.config.mappings import parse_mapping
+from localproxy.config.proxy_config import ProxyConfig
+from localproxy.config.settings_json import export_settings
+from localproxy.proxy.local_proxy import LocalProxy
+from localproxy.settings import Settings
+from localproxy.testing.processes import LISTENING, ProxyProcess
+from localproxy.types import Mode, ServiceEndpoint, SourcePort
 
 if TYPE_CHECKING:
-    from ..emulator import Emulator, TunnelInfo
+    from localproxy.emulator import Emulator, TunnelInfo
 
 TIMEOUT = 15.0
 SOURCE_HOST = "127.0.0.1"

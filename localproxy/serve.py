@@ -1,0 +1,73 @@
+"""Run one proxy as a program (the ``localproxy`` command): signals, exit code,
+the metrics exporter and systemd notifications around a :class:`LocalProxy`.
+
+A face: the library's ``LocalProxy`` knows nothing of processes or service managers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from localproxy.config.proxy_config import ProxyConfig
+from localproxy.errors import LocalProxyError
+from localproxy.events import Connected, Disconnected, ErrorEvent, TunnelReady
+from localproxy.ops.operations import Operations, OpsOptions, proxy_status
+from localproxy.ops.runtime import stop_on_signals
+from localproxy.proxy.local_proxy import LocalProxy
+
+__all__ = ["run_proxy", "serve_proxy"]
+
+logger = logging.getLogger("localproxy.proxy")
+
+
+@contextlib.asynccontextmanager
+async def serve_proxy(options: OpsOptions, proxy: LocalProxy) -> AsyncIterator[Operations]:
+    """Around a not yet started proxy: metrics of it, READY=1 when its tunnel is ready."""
+    operations = Operations(options, lambda: ([proxy.stats()], None))
+    await operations.start()
+    services: tuple[str, ...] = ()
+
+    def on_event(event: object) -> None:
+        nonlocal services
+        if isinstance(event, TunnelReady):
+            services = event.services
+        elif not isinstance(event, (Connected, Disconnected, ErrorEvent)):
+            return  # per-connection events do not change the status
+        operations.report(isinstance(event, TunnelReady), proxy_status(proxy.stats(), services))
+
+    unsubscribe = proxy.subscribe(on_event)
+    try:
+        yield operations
+    finally:
+        unsubscribe()
+        await operations.close()
+
+
+
+async def run_proxy(config: ProxyConfig, operations: OpsOptions | None = None) -> int:
+    """Run a proxy until SIGINT/SIGTERM (exit 0) or a fatal error (its exit code).
+
+    ``operations``: metrics exporter; systemd is notified whenever ``NOTIFY_SOCKET`` is set.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        with stop_on_signals(stop):
+            proxy = LocalProxy(config)
+            async with serve_proxy(operations or OpsOptions(), proxy), proxy:
+                closed = loop.create_task(proxy.wait_closed())
+                stopping = loop.create_task(stop.wait())
+                await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not closed.done():
+                    logger.info("Stopping: closing local connections and the websocket")
+                    closed.cancel()
+                    return 0
+                closed.result()  # raises the fatal error, if any
+                return 0
+    except LocalProxyError as error:
+        logger.error("%s", error)  # its message is written for the user
+        return error.exit_code
