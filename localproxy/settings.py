@@ -43,10 +43,10 @@ class Settings:
     max_frame_size: int = 131076
     ws_write_buffer_size: int = 131076
     ws_read_buffer_size: int = 131076
-    # Ours (not in the reference; read from --settings-json, not exported): see receive_policy.py.
+    # Ours (not in the reference; read from --settings-json, not exported): see tunnel/receive_policy.py.
     receive_budget_bytes: int = 4 * 1024 * 1024
     stalled_reader_timeout_ms: int = 10_000
-    ws_socket_receive_buffer: int = 0  # SO_RCVBUF of the websocket; 0: the kernel's autotuning (see session.py)
+    ws_socket_receive_buffer: int = 0  # SO_RCVBUF of the websocket; 0: the kernel's autotuning (see websocket/session.py)
     region_endpoint_overrides: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict(_DEFAULT_OVERRIDES))
     )

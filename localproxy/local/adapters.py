@@ -8,11 +8,11 @@ No task per chunk; one task per destination connect attempt.
 Flow control (why these numbers):
 
 - Local -> tunnel: the hub pauses *reading* every local connection while the
-  websocket's outgoing queue is above its high-water mark (see ``proxy.py``);
+  websocket's outgoing queue is above its high-water mark (see ``proxy/engine.py``);
   a TCP socket we do not read pushes back on its application, as TCP does.
 - Tunnel -> local: each connection's write buffer has a high-water mark of
   ``WRITE_HIGH`` (1 MiB; ``WRITE_LOW`` 256 KiB to resume). Above it the
-  connection is backlogged; the hub's receive policy (``receive_policy.py``)
+  connection is backlogged; the hub's receive policy (``tunnel/receive_policy.py``)
   stops reading the websocket only when the backlogged connections together
   hold more than a budget, and resets one that keeps it stopped too long. The
   protocol has no per-stream window, so the alternatives would be unbounded

@@ -10,7 +10,7 @@ Send path: frames wait in the session's :class:`~localproxy.tunnel.scheduler.Sen
 takes one websocket message at a time from it, of the size the
 :class:`~localproxy.tunnel.pacing.Pacer` allows, and keeps what sits below it small
 (websockets' write buffer and the kernel's unsent bytes, ``TCP_NOTSENT_LOWAT``),
-so that the queue lives where it can be reordered (``sender.py``). A connection
+so that the queue lives where it can be reordered (``websocket/sender.py``). A connection
 whose own queue is full stops being read (``PAUSE_CONGESTED``) until the
 scheduler resumes it; the others go on being read.
 
@@ -71,7 +71,7 @@ class Engine:
         self.restart: LocalProxyError | None = None  # end this session, reconnect
         self.ready = False  # the tunnel's services were known once
         self.on_ready: Callable[[], None] = lambda: None
-        # Set while the websocket may be read (see receive_policy.py); the name is historic.
+        # Set while the websocket may be read (see tunnel/receive_policy.py); the name is historic.
         self.writers_drained = asyncio.Event()
         self.writers_drained.set()
         settings = config.settings

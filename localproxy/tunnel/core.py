@@ -1,4 +1,4 @@
-"""State and bookkeeping shared by the tunnel state machine (see ``tunnel.py``).
+"""State and bookkeeping shared by the tunnel state machine (see ``state.py``).
 
 :class:`TunnelCore` keeps the records (services, streams, connections, the V1/V2
 hold queue) and the helpers that start and end streams; :class:`~localproxy.tunnel.state.TunnelState`

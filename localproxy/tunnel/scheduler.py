@@ -42,7 +42,7 @@ MIN_TAIL = 8 * 1024
 
 
 class Framer(Protocol):
-    """Builds DATA frames of one connection (``tunnel_actions.DataFramer``)."""
+    """Builds DATA frames of one connection (``localproxy.tunnel.actions.DataFramer``)."""
 
     @property
     def max_payload(self) -> int: ...

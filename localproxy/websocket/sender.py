@@ -82,7 +82,7 @@ class Sender:
         self._wakeup = asyncio.Event()
         self._on_resumed = on_resumed
         self._idle = False  # the task waits for data: a push may send at once
-        # websockets' sans-I/O protocol and the connection's direct writer (ws_connection.py),
+        # websockets' sans-I/O protocol and the connection's direct writer (connection.py),
         # for sending without a task switch.
         self._protocol: Any = getattr(ws, "protocol", None)
         self._write_message: Callable[[bytes], None] | None = getattr(ws, "write_message", None)

@@ -204,7 +204,7 @@ async def open_session(
                 compression=None,
                 # Pings keep NATs and load balancers open; the connection declares the link
                 # dead only once the service answered a ping (PROTOCOL.md 4.6): see keepalive.py.
-                # Data messages go straight to the session's Receiver: ws_connection.py.
+                # Data messages go straight to the session's Receiver: connection.py.
                 create_connection=TunnelConnection,
                 ping_interval=settings.ping_period_ms / 1000 if settings.ping_period_ms > 0 else None,
                 ping_timeout=None,

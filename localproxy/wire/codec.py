@@ -19,7 +19,7 @@ and decoded by hand (no google.protobuf on the hot path):
   ``uint32`` the low 32 bits, as protobuf does. An unknown ``type`` value is kept as
   a plain ``int`` (the caller applies the ``ignorable`` rule); type 0 is an error.
   DATA frames in the layouts real peers send are decoded by an inline fast path
-  (``_frames.py``), everything else by a general parser (``_decode.py``).
+  (``frames.py``), everything else by a general parser (``decode.py``).
 - Decoded payloads are ``memoryview`` slices of the fed ``bytes`` (zero copy: a
   63 KiB payload is never copied by the decoder), or ``b""`` when absent.
   ``bytes(msg.payload)``, ``len()``, ``b"".join`` and ``msg.payload == b"..."``

@@ -3,7 +3,7 @@
 ``parse_body(buf, view, start, end, max_payload)`` reads ``buf[start:end]``; ``buf``
 is the ``bytes`` holding the frame and ``view`` a memoryview of the same object, so
 the payload is returned as a zero-copy slice. The DATA fast path lives in
-``_frames.py``; every layout it does not recognise comes here.
+``frames.py``; every layout it does not recognise comes here.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ The loop reads each frame's length prefix and first 9 body bytes with one
     08 01 | 10 sid | [2a n serviceId] [38 cid] | 22 len payload   encode_data_frame's order
 
 The bytes around the payload repeat for every frame of a connection, so they are
-looked up in a small cache (``_decode.data_section``). Any other frame, and any
+looked up in a small cache (``decode.data_section``). Any other frame, and any
 frame the fast path has a doubt about, goes to the general parser
-(``_decode.parse_body``), which also gives the precise error.
+(``decode.parse_body``), which also gives the precise error.
 
 Before all that, each frame is compared with the last DATA frame the fast path
 decoded (the "hot" frame, see ``_HotHeader`` / ``_HotFrame``): a frame that repeats
@@ -116,7 +116,7 @@ class FrameDecoder:
         """Add stream bytes, ``data[start:stop]``; return the messages of every frame completed by them.
 
         A range of a ``bytes`` object is read in place (a websocket message inside a
-        received chunk: ``ws_split.py``); payloads are views of ``data``.
+        received chunk: ``ws_frames.py``); payloads are views of ``data``.
         """
         if self._error is not None:
             raise ProtocolError(f"frame decoder is unusable after an earlier error: {self._error}")
