@@ -1,14 +1,14 @@
 """Typed errors of localproxy, each with the process exit code the CLI uses.
 
 Messages never contain an access or client token: callers pass redacted text.
-The exit codes are documented in the README ("Exit codes").
+The exit codes are documented in docs/command-line.md ("Exit codes").
 """
 
 from __future__ import annotations
 
 
 class ExitCode:
-    """Process exit statuses of ``python -m localproxy`` (see README)."""
+    """Process exit statuses of ``python -m localproxy`` (see docs/command-line.md)."""
 
     OK = 0
     USAGE = 1  # bad flag or value; same as the reference binary

@@ -155,6 +155,12 @@ def test_an_internal_import_is_found() -> None:
     assert internal_imports(source) == ["localproxy.config.proxy_config", "localproxy.wire.codec"]
 
 
+def test_the_testing_page_shows_the_readme_example() -> None:
+    """tests/test_testing_plugin.py runs the README's example test; docs/testing.md shows the same one."""
+    readme_section = README.read_text().split("## Testing with pytest", 1)[1]
+    assert code_blocks(readme_section, "python")[0] == code_blocks((DOCS / "testing.md").read_text(), "python")[0]
+
+
 # --- the library quick start ------------------------------------------------------------
 
 
