@@ -9,6 +9,7 @@ logging is only set up once the verbosity is known.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -53,6 +54,29 @@ INSECURE_WARNING = (
     "(man-in-the-middle), exposing the access token and all tunnel traffic. "
     "Do not use this outside of testing."
 )
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for loopback literals (127.0.0.0/8, ::1) and the localhost names."""
+    name = host.strip("[]").lower()
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
+def exposed_listeners_warning(address: str, option: str) -> str:
+    """The warning for source listeners on a non-loopback address (as loud as -k's)."""
+    return (
+        f"SECURITY WARNING: the source listeners bind to {address} ({option}), not a loopback address. "
+        "Anyone who can reach this host on the listening ports gets into the tunnel (to the "
+        "destination's services). Bind to 127.0.0.1 unless other hosts must connect, and then firewall the ports."
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,10 @@ def parse_command_line(
     verify_ssl = not layers.flag("no-ssl-host-verify")
     if not verify_ssl:
         notes.append((logging.WARNING, INSECURE_WARNING))
+    effective_bind = bind_address or settings.default_bind_address
+    if mode is Mode.SOURCE and not is_loopback_host(effective_bind):
+        option = "-b/--local-bind-address" if bind_address else "tunneling.proxy.default_bind_address"
+        notes.append((logging.WARNING, exposed_listeners_warning(effective_bind, option)))
 
     config = ProxyConfig(
         mode=mode,
