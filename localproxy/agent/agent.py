@@ -222,9 +222,6 @@ class DeviceAgent:
             elif isinstance(action, Stop):
                 await self._stop(action)
             elif isinstance(action, Start):
-                # Masked only once accepted: rejected and duplicate tokens are never
-                # used nor logged, and registering them let a flood grow the list.
-                register_secret(notification.access_token)
                 self._start(action)
 
     # --- proxies -----------------------------------------------------------------------
@@ -247,6 +244,10 @@ class DeviceAgent:
             verify_ssl=self.verify_ssl,
             https_proxy=self.https_proxy,
         )
+        # Masked only once accepted: rejected and duplicate tokens are never used nor
+        # logged, and registering them let a flood of notifications grow the list.
+        register_secret(config.access_token)
+        register_secret(config.client_token)
         proxy = LocalProxy(config, name=tunnel_label(action.key))
         key, generation = action.key, action.generation
         proxy.subscribe(lambda event: self._on_proxy_event(key, generation, event))
