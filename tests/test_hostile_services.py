@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proxyproc import ProxyProcess
 
 from localproxy.config.command_line import parse_command_line
-from localproxy.ops.http_server import MAX_REQUEST_HEAD, BoundedHttpServer, listening_socket
-from localproxy.ops.logs import REDACTED, forget_secrets, redact, registered_secret_count
+from localproxy.ops.http_server import (
+    MAX_REQUEST_HEAD,
+    BoundedHttpServer,
+    listening_socket,
+)
+from localproxy.ops.logs import (
+    REDACTED,
+    forget_secrets,
+    redact,
+    registered_secret_count,
+)
 from localproxy.ops.metrics import MetricsServer
-from tests.proxyproc import ProxyProcess
 
 TIMEOUT = 10.0
 TOKEN = "AQGAAXj-hostile-services-token-c2VjcmV0"
