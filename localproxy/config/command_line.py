@@ -9,7 +9,6 @@ logging is only set up once the verbosity is known.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Mapping, Sequence
 
 from localproxy.config.mappings import (
     Notes,
+    is_loopback_host,
     parse_mapping,
     read_config_dir,
     validate_host,
@@ -54,20 +54,6 @@ INSECURE_WARNING = (
     "(man-in-the-middle), exposing the access token and all tunnel traffic. "
     "Do not use this outside of testing."
 )
-
-
-_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for loopback literals (127.0.0.0/8, ::1) and the localhost names."""
-    name = host.strip("[]").lower()
-    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # another host name: it may resolve to any interface
 
 
 def exposed_listeners_warning(address: str, option: str) -> str:

@@ -10,6 +10,7 @@ hold secrets, so they may be quoted.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -67,6 +68,20 @@ def validate_host(host: str, what: str) -> None:
         raise UsageError(f"{what} exceeds maximum allowed length")
     if not HOST_PATTERN.match(host):
         raise UsageError(f"{what} contains invalid characters")
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for loopback literals (127.0.0.0/8, ::1) and the localhost names."""
+    name = host.strip("[]").lower()
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
 
 
 def validate_path(path: str, what: str = "Path") -> None:
