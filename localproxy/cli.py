@@ -16,7 +16,7 @@ from localproxy.config.command_line import ParsedCommand, parse_command_line
 from localproxy.config.options import TRY_HELP, help_text
 from localproxy.config.settings_json import export_settings
 from localproxy.errors import ExitCode, LocalProxyError, UsageError
-from localproxy.ops.logs import setup_logging
+from localproxy.ops.logs import redact, setup_logging
 from localproxy.ops.runtime import defer_import, run_program
 
 __all__ = ["main", "parse_command_line", "ParsedCommand", "version_text"]
@@ -29,13 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         parsed = parse_command_line(arguments, os.environ)
-    # Printed as is: these messages never hold a token (they must stay exact).
+    # These messages never hold a token and must stay exact; redact() is the
+    # belt and braces (a token already registered would still be masked).
     except UsageError as exc:
-        print(exc, file=sys.stderr)
+        print(redact(str(exc)), file=sys.stderr)
         print(TRY_HELP, file=sys.stderr)
         return ExitCode.USAGE
     except LocalProxyError as exc:  # unreadable or malformed files
-        print(exc, file=sys.stderr)
+        print(redact(str(exc)), file=sys.stderr)
         return exc.exit_code
 
     if parsed.show_help:

@@ -50,10 +50,11 @@ from localproxy.agent.stats import AgentCounters
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import LocalProxyError
 from localproxy.events import Event as ProxyEngineEvent
-from localproxy.ops.logs import register_secret
+from localproxy.ops.logs import forget_secret, register_secret
 from localproxy.ops.stats import AgentStats
 from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.settings import Settings
+from localproxy.tokens.source import generate_client_token
 from localproxy.types import DestinationTarget, Mode, ServiceEndpoint
 
 __all__ = ["DEFAULT_MAX_TUNNELS", "DeviceAgent"]
@@ -208,7 +209,6 @@ class DeviceAgent:
             logger.warning("Rejected a tunnel notification on %s: %s", self.topic, error)
             self._emit(NotificationRejected(str(error)))
             return
-        register_secret(notification.access_token)
         label = "+".join(notification.services) + "@" + notification.region
         logger.info("Received a tunnel notification for %s", label)
         self._emit(NotificationReceived(notification.region, notification.services))
@@ -234,6 +234,8 @@ class DeviceAgent:
         config = ProxyConfig(
             mode=Mode.DESTINATION,
             access_token=notification.access_token,
+            # Chosen here, not by the proxy, so that _forget_token can forget it too.
+            client_token=generate_client_token(),
             endpoint=endpoint,
             services=action.targets,
             region=notification.region,
@@ -242,6 +244,10 @@ class DeviceAgent:
             verify_ssl=self.verify_ssl,
             https_proxy=self.https_proxy,
         )
+        # Masked only once accepted: rejected and duplicate tokens are never used nor
+        # logged, and registering them let a flood of notifications grow the list.
+        register_secret(config.access_token)
+        register_secret(config.client_token)
         proxy = LocalProxy(config, name=tunnel_label(action.key))
         key, generation = action.key, action.generation
         proxy.subscribe(lambda event: self._on_proxy_event(key, generation, event))
@@ -267,6 +273,7 @@ class DeviceAgent:
             await asyncio.wait_for(proxy.close(), self.close_timeout)
         except TimeoutError:
             logger.error("Destination proxy #%d for %s did not close within %.0f s", action.generation, label, self.close_timeout)
+        self._forget_token(proxy)
         self._emit(ProxyStopped(action.key, action.generation, action.reason))
 
     async def _watch(self, key: TunnelKey, generation: int, proxy: LocalProxy) -> None:
@@ -291,8 +298,17 @@ class DeviceAgent:
             )
         else:
             logger.info("Destination proxy #%d for %s ended", generation, tunnel_label(key))
+        self._forget_token(proxy)  # after its last log line
         reason = StopReason.FAILED if error is not None else StopReason.ENDED
         self._emit(ProxyStopped(key, generation, reason, error))
+
+    def _forget_token(self, proxy: LocalProxy) -> None:
+        """Stop masking a stopped proxy's tokens (replaced: revoked by the rotation;
+        failed: refused; its client token was its own), unless a running proxy uses them."""
+        for token in (proxy.config.access_token, proxy.config.client_token):
+            if all(token not in (other.config.access_token, other.config.client_token)
+                   for other in self._proxies.values()):
+                forget_secret(token)
 
     def _on_proxy_event(self, key: TunnelKey, generation: int, event: ProxyEngineEvent) -> None:
         self._emit(ProxyEvent(key, generation, event))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from localproxy.agent.events import AgentEvent, MqttConnected, MqttDisconnected
 from localproxy.agent.notify import NOTIFY_TOPIC_TEMPLATE
 from localproxy.config.mappings import validate_host
 from localproxy.errors import ConfigError, UsageError
+from localproxy.ops.files import MAX_CONFIG_BYTES, UnsuitableFile, check_regular_file
 from localproxy.types import split_host_port
 from localproxy.websocket.session import Backoff
 
@@ -102,8 +102,16 @@ class MqttSettings:
         if not self.tls:
             return None
         for path, what in ((self.cert, "--cert"), (self.key, "--key"), (self.root_ca, "--root-ca")):
-            if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"{what}: no such file: {path}")
+            if path is None:
+                continue
+            # OpenSSL opens them in the event loop: a FIFO would block it, /dev/zero never end.
+            try:
+                check_regular_file(path, MAX_CONFIG_BYTES)
+            except FileNotFoundError:
+                raise ConfigError(f"{what}: no such file: {path}") from None
+            except (UnsuitableFile, OSError) as error:
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                raise ConfigError(f"{what}: cannot use {path}: {reason}") from None
         try:
             context = ssl.create_default_context(cafile=self.root_ca)
             context.minimum_version = ssl.TLSVersion.TLSv1_2

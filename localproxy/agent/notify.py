@@ -16,14 +16,15 @@ pattern (service ids, a known client mode) are named.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 
 from localproxy.errors import LocalProxyError, UsageError
+from localproxy.ops.json_limits import JsonRefused, loads_bounded
 
 __all__ = [
     "MAX_NOTIFICATION_BYTES",
+    "MAX_NOTIFICATION_DEPTH",
     "MAX_SERVICES",
     "NOTIFY_TOPIC_TEMPLATE",
     "InvalidNotification",
@@ -37,6 +38,8 @@ MAX_SERVICES = 3  # service quota per tunnel (PROTOCOL.md 6)
 MAX_ACCESS_TOKEN_LENGTH = 4096  # the proxy's own limit on -t
 # A real notification is well under 8 KiB; anything far bigger is not one.
 MAX_NOTIFICATION_BYTES = 64 * 1024
+# A notification is one flat object; json.loads would recurse once per level.
+MAX_NOTIFICATION_DEPTH = 8
 
 REGION_PATTERN = re.compile(r"^[a-z0-9-]+$")
 SERVICE_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+$")  # as -d/-s mappings (localproxy.config.mappings)
@@ -81,7 +84,9 @@ def parse_notification(payload: bytes | bytearray | memoryview | str) -> Notific
     if len(payload) > MAX_NOTIFICATION_BYTES:
         raise InvalidNotification(f"payload of {len(payload)} bytes is too large for a notification")
     try:
-        document = json.loads(bytes(payload).decode("utf-8"))
+        document = loads_bounded(bytes(payload), MAX_NOTIFICATION_DEPTH)
+    except JsonRefused as error:
+        raise InvalidNotification(f"payload refused: {error}") from None
     except (UnicodeDecodeError, ValueError):
         raise InvalidNotification("payload is not UTF-8 JSON") from None
     if not isinstance(document, dict):

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 from localproxy.config.mappings import (
     Notes,
+    is_loopback_host,
     parse_mapping,
     read_config_dir,
     validate_host,
@@ -53,6 +54,15 @@ INSECURE_WARNING = (
     "(man-in-the-middle), exposing the access token and all tunnel traffic. "
     "Do not use this outside of testing."
 )
+
+
+def exposed_listeners_warning(address: str, option: str) -> str:
+    """The warning for source listeners on a non-loopback address (as loud as -k's)."""
+    return (
+        f"SECURITY WARNING: the source listeners bind to {address} ({option}), not a loopback address. "
+        "Anyone who can reach this host on the listening ports gets into the tunnel (to the "
+        "destination's services). Bind to 127.0.0.1 unless other hosts must connect, and then firewall the ports."
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,10 @@ def parse_command_line(
     verify_ssl = not layers.flag("no-ssl-host-verify")
     if not verify_ssl:
         notes.append((logging.WARNING, INSECURE_WARNING))
+    effective_bind = bind_address or settings.default_bind_address
+    if mode is Mode.SOURCE and not is_loopback_host(effective_bind):
+        option = "-b/--local-bind-address" if bind_address else "tunneling.proxy.default_bind_address"
+        notes.append((logging.WARNING, exposed_listeners_warning(effective_bind, option)))
 
     config = ProxyConfig(
         mode=mode,

@@ -10,11 +10,13 @@ hold secrets, so they may be quoted.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 
 from localproxy.errors import ConfigError, UsageError
+from localproxy.ops.files import MAX_CONFIG_BYTES, read_user_text
 from localproxy.types import (
     V1_SERVICE,
     DestinationTarget,
@@ -33,6 +35,9 @@ MAX_HOST_LENGTH = 253
 MAX_PATH_LENGTH = 4096
 _DIGITS = re.compile(r"^[0-9]+$")
 _MAX_CONFIG_FILES = 1000  # a --config-dir pointing at / must not walk the disk
+_MAX_LINE_WARNINGS = 10  # per file; a large junk file gets a count, not a line each
+# Each file at most MAX_CONFIG_BYTES, all of them together at most this.
+MAX_CONFIG_DIR_BYTES = 16 * MAX_CONFIG_BYTES
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
@@ -63,6 +68,20 @@ def validate_host(host: str, what: str) -> None:
         raise UsageError(f"{what} exceeds maximum allowed length")
     if not HOST_PATTERN.match(host):
         raise UsageError(f"{what} contains invalid characters")
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for loopback literals (127.0.0.0/8, ::1) and the localhost names."""
+    name = host.strip("[]").lower()
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
 
 
 def validate_path(path: str, what: str = "Path") -> None:
@@ -167,17 +186,26 @@ def read_config_dir(path: str, mode: Mode, *, strict: bool) -> tuple[dict[str, S
     if strict and not files:
         raise ConfigError(f"Invalid configuration directory: {path} (no configuration files)")
     mappings: dict[str, ServiceTarget] = {}
+    total = 0
     for file_path in files:
         notes.append((logging.INFO, f"Detect configuration files: {file_path}"))
         try:
-            with open(file_path, encoding="utf-8") as source:
-                lines = source.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = f"Cannot read configuration file {file_path}: {exc}"
+            # A FIFO or a device among the files must not block nor fill memory.
+            text = read_user_text(file_path, "configuration file", MAX_CONFIG_BYTES)
+        except ConfigError as exc:
             if strict:
-                raise ConfigError(reason) from exc
-            notes.append((logging.WARNING, reason + ". Continue to the next file."))
+                raise
+            notes.append((logging.WARNING, f"{exc}. Continue to the next file."))
             continue
+        total += len(text)
+        if total > MAX_CONFIG_DIR_BYTES:
+            reason = f"Configuration directory {path} holds more than {MAX_CONFIG_DIR_BYTES} bytes of files"
+            if strict:
+                raise ConfigError(reason)
+            notes.append((logging.WARNING, reason + ": the rest is not read."))
+            break
+        lines = text.splitlines()
+        ignored = 0
         for number, raw in enumerate(lines, start=1):
             try:
                 entry = _config_line(raw, mode)
@@ -185,17 +213,23 @@ def read_config_dir(path: str, mode: Mode, *, strict: bool) -> tuple[dict[str, S
                 reason = f"{file_path}:{number}: {exc}"
                 if strict:
                     raise ConfigError(reason) from None
-                notes.append((logging.WARNING, reason + ". Line ignored."))
+                ignored += 1
+                if ignored <= _MAX_LINE_WARNINGS:
+                    notes.append((logging.WARNING, reason + ". Line ignored."))
                 continue
             if entry is None:
                 continue
             service_id, target = entry
             if service_id in mappings:
-                notes.append(
-                    (logging.WARNING, f"{file_path}:{number}: duplicate mapping for {service_id} ignored")
-                )
+                ignored += 1
+                if ignored <= _MAX_LINE_WARNINGS:
+                    notes.append(
+                        (logging.WARNING, f"{file_path}:{number}: duplicate mapping for {service_id} ignored")
+                    )
                 continue
             mappings[service_id] = target
+        if ignored > _MAX_LINE_WARNINGS:
+            notes.append((logging.WARNING, f"{file_path}: {ignored - _MAX_LINE_WARNINGS} more lines ignored"))
     return mappings, notes
 
 

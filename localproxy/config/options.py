@@ -8,11 +8,13 @@ users grep for them. What the values mean is decided in ``localproxy.config.comm
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from localproxy.errors import ConfigError, UsageError
+from localproxy.ops.files import MAX_CONFIG_BYTES, read_user_text
 
 # name -> value; flags (no argument) map to True.
 RawOptions = dict[str, "str | bool"]
@@ -242,6 +244,11 @@ def _store(options: RawOptions, spec: OptionSpec, value: str | bool, prefix: str
     options[spec.name] = value
 
 
+# What a config-file key may look like to be quoted in an error: option-shaped
+# (lower-case words and hyphens, an optional [section] prefix) and shorter than
+# the shortest client token (32), so no token can pass for one.
+_OPTION_NAME = re.compile(r"[a-z][a-z-]*(\.[a-z][a-z-]*)?")
+_MAX_SHOWN_NAME = 31
 _TRUE_WORDS = frozenset({"", "1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -250,12 +257,14 @@ def parse_config_text(text: str, source: str) -> RawOptions:
     """A ``--config`` file: ``key = value`` lines with long option names.
 
     As boost's parser: ``#`` starts a comment anywhere on a line, ``[section]``
-    prefixes the following keys, flags take true/false/yes/no/on/off/1/0. Lines
-    are never echoed in errors: they may hold the access token.
+    prefixes the following keys, flags take true/false/yes/no/on/off/1/0. Errors
+    name the line number and, when it is shaped like one, the option name; never
+    a value nor the line (``access-token: AQGA...`` is a line holding a token).
     """
     options: RawOptions = {}
     prefix = ""
     for number, raw_line in enumerate(text.splitlines(), start=1):
+        where = f"line {number} of {source}"
         line = raw_line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -265,12 +274,12 @@ def parse_config_text(text: str, source: str) -> RawOptions:
         name, has_equal, value = line.partition("=")
         name = prefix + name.strip()
         if not has_equal or name == prefix:
-            raise ConfigError(
-                f"the options configuration file contains an invalid line (line {number} of {source})"
-            )
+            raise ConfigError(f"the options configuration file contains an invalid line ({where})")
+        if not _option_shaped(name):
+            raise UsageError(f"unrecognised option ({where}; not an option name, so not shown)")
         spec = BY_NAME.get(name)
         if spec is None:
-            raise UsageError(f"unrecognised option '{name}' (line {number} of {source})")
+            raise UsageError(f"unrecognised option '{name}' ({where})")
         if not spec.in_config_file:
             raise UsageError(f"option '{name}' cannot be used in a --config file ({source})")
         value = value.strip()
@@ -279,21 +288,23 @@ def parse_config_text(text: str, source: str) -> RawOptions:
             continue
         word = value.lower()
         if word not in _TRUE_WORDS | _FALSE_WORDS:
-            raise UsageError(f"the argument ('{value}') for option '{name}' is invalid")
+            raise UsageError(
+                f"the argument for option '{name}' is invalid ({where}): "
+                "use true, false, yes, no, on, off, 1 or 0"
+            )
         if word in _TRUE_WORDS:
             _store(options, spec, True, "")
     return options
 
 
+def _option_shaped(name: str) -> bool:
+    return len(name) <= _MAX_SHOWN_NAME and _OPTION_NAME.fullmatch(name) is not None
+
+
 def read_config_file(path: str) -> RawOptions:
-    """Read and parse a ``--config`` file; unreadable files raise :class:`ConfigError`."""
-    try:
-        with open(path, encoding="utf-8") as source:
-            text = source.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"Cannot read config file {path}: {reason}") from exc
-    return parse_config_text(text, path)
+    """Read and parse a ``--config`` file; an unreadable, non-regular (FIFO, device)
+    or oversized file raises :class:`ConfigError`."""
+    return parse_config_text(read_user_text(path, "config file", MAX_CONFIG_BYTES), path)
 
 
 def help_text() -> str:

@@ -13,6 +13,8 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from localproxy.errors import ConfigError, UsageError
+from localproxy.ops.files import MAX_CONFIG_BYTES, read_user_text
+from localproxy.ops.json_limits import JsonRefused, loads_bounded
 from localproxy.settings import (
     EXTRA_SETTING_KEYS,
     REGION_OVERRIDES_PREFIX,
@@ -47,6 +49,14 @@ _INT_MAXIMUMS: Mapping[str, int] = MappingProxyType(
 )
 _MIN_SOCKET_BUFFER = 65536
 _BOOL_ATTRIBUTES = frozenset({"reconnect_on_data_error"})
+# The reference's tree is 4 levels deep; past this a file is not settings (and
+# json would recurse once per level).
+MAX_SETTINGS_DEPTH = 32
+# Integers as text: 18 digits fit every setting; int() of thousands of digits is
+# slow and, past 4,300, a ValueError.
+MAX_UNKNOWN_WARNINGS = 20  # one line each; a file of 50,000 junk keys gets a count
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
+_SHOWN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _HOST_PATTERN = re.compile(r"^[a-zA-Z0-9.:\[\]-]+$")
 _REGION_PATTERN = re.compile(r"^[a-z0-9-]+$")
 
@@ -88,18 +98,15 @@ def load_settings_json(path: str, base: Settings | None = None) -> tuple[Setting
     warning, as the reference ignores them). An unreadable or malformed file
     raises :class:`ConfigError`; a bad value raises :class:`UsageError` naming the key.
     """
+    text = read_user_text(path, "settings file", MAX_CONFIG_BYTES)  # a FIFO, /dev/zero: ConfigError
     try:
-        with open(path, encoding="utf-8") as source:
-            text = source.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"Cannot read settings file {path}: {reason}") from exc
-    try:
-        tree = json.loads(text)
+        tree = loads_bounded(text, MAX_SETTINGS_DEPTH)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"Cannot parse settings file {path}: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
+        ) from None
+    except JsonRefused as exc:
+        raise ConfigError(f"Cannot parse settings file {path}: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"Settings file {path} must hold a JSON object")
     return settings_from_tree(tree, base, source=path)
@@ -112,6 +119,7 @@ def settings_from_tree(
     values: dict[str, Any] = {}
     overrides = dict((base or Settings()).region_endpoint_overrides)
     warnings: list[str] = []
+    unknown = 0
     for key, raw in _flatten(tree):
         attribute = SETTING_KEYS.get(key) or EXTRA_SETTING_KEYS.get(key)
         if attribute is not None:
@@ -121,12 +129,16 @@ def settings_from_tree(
             host = raw if isinstance(raw, str) else None
             if not _REGION_PATTERN.match(region) or not host or not _HOST_PATTERN.match(host):
                 raise UsageError(
-                    f"Invalid value for setting '{key}' in {source}: expected a host name"
+                    f"Invalid value for setting {_shown(key)} in {source}: expected a host name"
                     " for a region of lower-case letters, digits and hyphens"
                 )
             overrides[region] = host
         else:
-            warnings.append(f"Ignoring unknown setting '{key}' in {source}")
+            unknown += 1
+            if unknown <= MAX_UNKNOWN_WARNINGS:
+                warnings.append(f"Ignoring unknown setting {_shown(key)} in {source}")
+    if unknown > MAX_UNKNOWN_WARNINGS:
+        warnings.append(f"Ignoring {unknown - MAX_UNKNOWN_WARNINGS} more unknown settings in {source}")
     values["region_endpoint_overrides"] = MappingProxyType(overrides)
     return replace(base or Settings(), **values), warnings
 
@@ -144,7 +156,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
 
 def _parse_value(attribute: str, raw: Any, key: str, source: str) -> Any:
     def bad(reason: str) -> UsageError:
-        return UsageError(f"Invalid value for setting '{key}' in {source}: {reason}")
+        return UsageError(f"Invalid value for setting {_shown(key)} in {source}: {reason}")
 
     if attribute in _BOOL_ATTRIBUTES:
         if isinstance(raw, bool):
@@ -166,9 +178,11 @@ def _parse_value(attribute: str, raw: Any, key: str, source: str) -> Any:
     # Integer settings: JSON numbers or strings of digits (boost writes strings).
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
         raise bad("expected an integer")
+    if isinstance(raw, int) and not -10**18 < raw < 10**18:
+        raise bad("expected an integer of at most 18 digits")
     text = str(raw).strip()
-    if not re.fullmatch(r"-?[0-9]+", text):
-        raise bad("expected an integer")
+    if not _INTEGER_TEXT.fullmatch(text):
+        raise bad("expected an integer" + (" of at most 18 digits" if re.fullmatch(r"-?[0-9]+", text) else ""))
     number = int(text)
     minimum = _INT_MINIMUMS.get(attribute, 0)
     maximum = _INT_MAXIMUMS.get(attribute)
@@ -179,6 +193,14 @@ def _parse_value(attribute: str, raw: Any, key: str, source: str) -> Any:
         # A window of a few segments stalls TCP (loopback's segments are 64 KiB).
         raise bad(f"must be 0 (the kernel's autotuning) or at least {_MIN_SOCKET_BUFFER}")
     return number
+
+
+def _shown(key: str) -> str:
+    """A key quoted in a message only if it looks like one: a file's keys are not
+    ours to print (a pasted token, control characters, a 1 MiB line)."""
+    if _SHOWN_KEY.fullmatch(key):
+        return f"'{key}'"
+    return f"(a key of {len(key)} characters, not shown: only letters, digits, '_', '.', '-' are)"
 
 
 def _to_text(value: Any) -> str:

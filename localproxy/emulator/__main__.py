@@ -23,6 +23,7 @@ from pathlib import Path
 
 from localproxy.emulator.core import Emulator
 from localproxy.emulator.faults import SERVICE_BANDWIDTH
+from localproxy.ops.files import MAX_CONFIG_BYTES, UnsuitableFile, check_regular_file
 from localproxy.ops.runtime import run_program, stop_on_signals
 
 logger = logging.getLogger("localproxy.emulator")
@@ -97,8 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args.mqtt, str) and not args.mqtt.startswith("mqtt://"):
         parser.error(f"--mqtt takes a broker URL mqtt://host:port, got {args.mqtt!r}")
     for path in (args.cert, args.key):
-        if path is not None and not path.is_file():
+        if path is None:
+            continue
+        try:  # a FIFO or a device would block or never end in OpenSSL's read
+            check_regular_file(str(path), MAX_CONFIG_BYTES)
+        except FileNotFoundError:
             parser.error(f"no such file: {path}")
+        except (UnsuitableFile, OSError) as error:
+            parser.error(f"cannot use {path}: {error.strerror if isinstance(error, OSError) else error}")
     from localproxy.ops.logs import setup_logging
 
     setup_logging(args.verbose, sys.stderr)  # stdout carries the JSON line

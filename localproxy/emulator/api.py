@@ -27,12 +27,16 @@ from typing import Any, Callable
 
 from localproxy.emulator.shapes import NEXT_TOKEN_RE, THING_NAME_RE, Validator
 from localproxy.emulator.store import ApiError, Store
+from localproxy.ops.json_limits import JsonRefused, loads_bounded
 
 logger = logging.getLogger("localproxy.emulator.api")
 
 TARGET_PREFIX = "IoTSecuredTunneling."
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 DEFAULT_MAX_RESULTS = 100
+# The model's deepest input is 3 levels (tags: a list of objects); AWS's JSON
+# parsers refuse deep nesting with a SerializationException too.
+MAX_BODY_DEPTH = 32
 
 HttpReply = tuple[int, list[tuple[str, str]], bytes]
 
@@ -77,7 +81,9 @@ class ControlPlane:
                 shown = target or "(no X-Amz-Target header)"
                 raise ApiError("UnknownOperationException", f"Unknown operation {shown!r}")
             try:
-                params = json.loads(body) if body.strip() else {}
+                params = loads_bounded(body, MAX_BODY_DEPTH) if body.strip() else {}
+            except JsonRefused as error:  # json.loads would raise RecursionError: a 400, as AWS answers
+                raise ApiError("SerializationException", f"The request body is refused: {error}") from None
             except (UnicodeDecodeError, ValueError) as error:
                 raise ApiError("SerializationException", f"The request body is not valid JSON: {error}") from None
             output = self.call(operation, params)

@@ -54,6 +54,7 @@ HEAD_TIMEOUT = 10.0  # seconds to send a whole request head
 IDLE_TIMEOUT = 60.0  # keep-alive connections of the control API
 
 _channel_counter = count(1)
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,10}")
 _BODY_HEADER_RE = re.compile(rb"\r\n(content-length:[ \t]*0*[1-9]|transfer-encoding:)")
 _OPEN = State.OPEN
 _DELIVERING = (State.CONNECTING, State.OPEN)  # states in which websockets queues data frames
@@ -94,6 +95,7 @@ class FrontConnection(ServerConnection):
         self._routed: asyncio.Future[None] = self.loop.create_future()
         self._last_active = 0.0  # websocket: loop time of the last byte either way
         self._splitter: WebsocketSplitter | None = None  # set after a GET head
+        self._http_paused = False  # HTTP: reading paused until the answers drain
 
     # --- asyncio protocol -----------------------------------------------------
 
@@ -266,6 +268,19 @@ class FrontConnection(ServerConnection):
             self._write(status, reply_headers, b"" if method == "HEAD" else payload, keep_alive)
             if not keep_alive:
                 self.transport.close()
+            elif self.paused:
+                # A client that pipelines requests and never reads the answers: stop
+                # reading it until its answers drain (the idle timeout still runs).
+                self._http_paused = True
+                self.transport.pause_reading()
+                return
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._http_paused and not self.transport.is_closing():
+            self._http_paused = False
+            self.transport.resume_reading()
+            self._http_feed(b"")  # requests already received
 
     def _parse_head(self, head: str) -> bool:
         lines = head.split("\r\n")
@@ -283,13 +298,12 @@ class FrontConnection(ServerConnection):
         if "transfer-encoding" in headers:
             self._reply_and_close(501, "Transfer-Encoding is not supported: send Content-Length")
             return False
-        try:
-            size = int(headers.get("content-length", "0"))
-        except ValueError:
-            size = -1
-        if size < 0:
+        length = headers.get("content-length", "0")
+        # Digits only: int() also takes "0_2", " +2" and thousands of digits.
+        if not _CONTENT_LENGTH_RE.fullmatch(length):
             self._reply_and_close(400, "Invalid Content-Length")
             return False
+        size = int(length)
         if size > MAX_HTTP_BODY:
             self._reply_and_close(413, f"Request body too large (limit {MAX_HTTP_BODY} bytes)")
             return False

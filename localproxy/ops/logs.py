@@ -78,6 +78,21 @@ def register_secret(value: str | None) -> None:
             _secrets = tuple(sorted((*_secrets, value), key=len, reverse=True))
 
 
+def forget_secret(value: str | None) -> None:
+    """Stop masking ``value`` (a revoked or replaced token: the list must not grow forever)."""
+    global _secrets
+    if not value:
+        return
+    with _secrets_lock:
+        if value in _secrets:
+            _secrets = tuple(secret for secret in _secrets if secret != value)
+
+
+def registered_secret_count() -> int:
+    """How many secrets are masked now (tests and footprint checks)."""
+    return len(_secrets)
+
+
 def forget_secrets() -> None:
     """Forget every registered secret (tests; a process that is done with its tokens)."""
     global _secrets

@@ -4,21 +4,24 @@ Needs the optional ``prometheus_client`` (``pip install 'localproxy[metrics]'``)
 imported only when metrics are asked for. Nothing is recorded through it: a
 custom collector turns :class:`~localproxy.ops.stats.ProxyStats` /
 :class:`~localproxy.ops.stats.AgentStats` snapshots into metric families at scrape
-time. prometheus_client serves ``/metrics`` from its own thread; the snapshots
-are taken in the event loop (handed over with ``call_soon_threadsafe``), so the
-counters are never read while the loop changes them, and a stuck loop shows as
-a failed scrape. Labels name tunnels, services, rules and reasons, never a token.
+time. ``/metrics`` is served from the event loop itself by a small bounded HTTP
+server (:mod:`localproxy.ops.http_server`: no thread per connection, a header
+timeout, a connection cap), so the counters are never read while the loop
+changes them, and a stuck loop shows as a failed scrape. prometheus_client
+still writes the exposition (text or OpenMetrics, as the scraper's ``Accept``
+asks). Labels name tunnels, services, rules and reasons, never a token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import gzip
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from localproxy.errors import ConfigError
+from localproxy.ops.http_server import BoundedHttpServer, HttpReply, listening_socket
 from localproxy.ops.logs import redact
 from localproxy.ops.stats import AgentStats, ProxyStats
 
@@ -28,7 +31,6 @@ logger = logging.getLogger("localproxy.metrics")
 
 # What one scrape reports: every proxy's snapshot and, for the agent, its own.
 Gathered = tuple[list[ProxyStats], AgentStats | None]
-SCRAPE_TIMEOUT = 5.0  # seconds the HTTP thread waits for the event loop
 MISSING_LIBRARY = (
     "--metrics-port needs the prometheus_client package: pip install 'localproxy[metrics]'"
 )
@@ -114,58 +116,81 @@ def _agent_families(core: Any, agent: AgentStats) -> list[Any]:
 
 
 class _Collector:
-    """prometheus_client collector: snapshots taken in the event loop at each scrape."""
+    """prometheus_client collector: a snapshot taken at each scrape (in the event loop)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, gather: Callable[[], Gathered]) -> None:
-        self._loop = loop
+    def __init__(self, gather: Callable[[], Gathered]) -> None:
         self._gather = gather
 
     def describe(self) -> Iterable[Any]:
         return []  # registering must not scrape
 
     def collect(self) -> Iterator[Any]:
-        done: concurrent.futures.Future[Gathered] = concurrent.futures.Future()
-
-        def take() -> None:
-            try:
-                done.set_result(self._gather())
-            except BaseException as error:  # noqa: BLE001 - handed to the scraping thread
-                done.set_exception(error)
-
-        self._loop.call_soon_threadsafe(take)
-        yield from metric_families(done.result(SCRAPE_TIMEOUT))
+        yield from metric_families(self._gather())
 
 
 class MetricsServer:
-    """``/metrics`` on ``bind``:``port`` (0 picks a port) for as long as it is open."""
+    """``/metrics`` on ``bind``:``port`` (0 picks a port) for as long as it is open.
+
+    Served in the running event loop by :class:`~localproxy.ops.http_server.BoundedHttpServer`
+    (header timeout, connection cap), in prometheus_client's exposition formats.
+    """
 
     def __init__(self, bind: str, port: int, gather: Callable[[], Gathered]) -> None:
         self.bind = bind
         self.requested_port = port
         self._gather = gather
-        self._server: Any = None
+        self._registry: Any = None
+        self._server: BoundedHttpServer | None = None
+        self._starting: asyncio.Task[None] | None = None
         self.port = 0
 
     def start(self) -> None:
-        """Listen now; a busy port or a bad address raises ConfigError (exit 2)."""
+        """Listen now (the socket is bound before this returns; requests are served once
+        the loop runs); a busy port or a bad address raises ConfigError (exit 2)."""
         _prometheus()
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(asyncio.get_running_loop(), self._gather))
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Collector(self._gather))
         try:
-            self._server, _ = start_http_server(self.requested_port, self.bind, registry)
+            sock = listening_socket(self.bind, self.requested_port)
         except OSError as error:
             raise ConfigError(
                 f"Cannot serve metrics on {self.bind} port {self.requested_port} (--metrics-port): "
                 f"{error.strerror or error}"
             ) from None
-        self.port = int(self._server.server_port)
+        self.port = int(sock.getsockname()[1])
+        self._server = BoundedHttpServer(sock, self._answer)
+        self._starting = asyncio.get_running_loop().create_task(self._server.start())
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
         logger.info("Serving metrics on http://%s:%d/metrics", host, self.port)
 
+    @property
+    def server(self) -> BoundedHttpServer | None:
+        return self._server
+
+    def _answer(self, target: str, headers: dict[str, str]) -> HttpReply:
+        from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+        path = target.split("?", 1)[0]
+        if path not in ("/metrics", "/"):
+            return 404, [("Content-Type", "text/plain; charset=utf-8")], b"Metrics are served at /metrics\n"
+        try:
+            encoder, content_type = choose_encoder(headers.get("accept", ""))
+            body = encoder(self._registry)
+        except Exception:  # a bug in a snapshot: a failed scrape, not a dead exporter
+            logger.exception("Metrics scrape failed")
+            return 500, [("Content-Type", "text/plain; charset=utf-8")], b"Scrape failed\n"
+        reply_headers = [("Content-Type", content_type)]
+        if gzip_accepted(headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=1)
+            reply_headers.append(("Content-Encoding", "gzip"))
+        return 200, reply_headers, body
+
     async def close(self) -> None:
         server, self._server = self._server, None
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            await asyncio.wait([starting])
         if server is not None:
-            await asyncio.to_thread(server.shutdown)  # waits up to its 0.5 s poll: not in the loop
-            server.server_close()
+            await server.close()

@@ -28,6 +28,7 @@ from localproxy.errors import (
     ConfigError,
     LocalProxyError,
 )
+from localproxy.ops.files import MAX_SMALL_FILE_BYTES, UnsuitableFile, read_bounded
 from localproxy.tokens.advice import client_mode, region_of
 from localproxy.types import Mode
 
@@ -82,12 +83,15 @@ def load_or_create_client_token(path: str) -> tuple[str, bool]:
 
 
 def _read_client_token_file(path: str) -> str:
+    # In the event loop (LocalProxy's task): a FIFO here would block open() and
+    # with it SIGTERM; read_bounded refuses it (and devices, and a big file).
     try:
-        with open(path, "rb") as file:
-            data = file.read(1024)
-            mode = os.fstat(file.fileno()).st_mode
+        data = read_bounded(path, MAX_SMALL_FILE_BYTES)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise
+    except UnsuitableFile as exc:
+        raise ConfigError(f"Cannot read client token file '{path}': {exc}") from None
     except OSError as exc:
         raise ConfigError(f"Cannot read client token file '{path}': {exc.strerror or exc}") from None
     token = data.decode("ascii", "replace").strip()
