@@ -62,10 +62,18 @@ def tunneling_service() -> Iterator[ThreadedEmulator]:
 @pytest.fixture
 def tunneling_service_tls() -> Iterator[ThreadedEmulator]:
     """A started emulator over wss:// and https://, with a CA of its own (``.ca_pem_path``, ``.capath``)."""
+    from localproxy.errors import MissingExtraError
     from localproxy.testing.service import ThreadedEmulator
 
-    with ThreadedEmulator(host="127.0.0.1", port=0, tls=True) as service:
+    service = ThreadedEmulator(host="127.0.0.1", port=0, tls=True)
+    try:
+        service.start()
+    except MissingExtraError as error:
+        pytest.fail(f"the tunneling_service_tls fixture: {error}", pytrace=False)
+    try:
         yield service
+    finally:
+        service.stop()
 
 
 @pytest.fixture

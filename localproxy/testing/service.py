@@ -59,7 +59,7 @@ class ThreadedEmulator:
 
         try:
             self._emulator = self._runner.run(started())
-        except BaseException:
+        except BaseException:  # e.g. MissingExtraError: tls=True without localproxy[emulator-tls]
             self._runner.stop()
             raise
 
