@@ -6,7 +6,6 @@ the reference's shape (a nested JSON tree, values as strings).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from types import MappingProxyType
@@ -72,6 +71,8 @@ def export_settings(path: str, settings: Settings | None = None) -> None:
 
     Raises :class:`ConfigError` when the file cannot be written.
     """
+    import json  # here: a run without settings files does not load json (start-up, issue 21)
+
     tree = settings_to_tree(settings if settings is not None else Settings())
     text = json.dumps(tree, indent=4) + "\n"
     try:
@@ -94,6 +95,8 @@ def load_settings_json(path: str, base: Settings | None = None) -> tuple[Setting
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"Cannot read settings file {path}: {reason}") from exc
+    import json  # here: a run without settings files does not load json (start-up, issue 21)
+
     try:
         tree = json.loads(text)
     except json.JSONDecodeError as exc:

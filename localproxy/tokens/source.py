@@ -28,7 +28,6 @@ from localproxy.errors import (
     ConfigError,
     LocalProxyError,
 )
-from localproxy.tokens.advice import client_mode, region_of
 from localproxy.types import Mode
 
 __all__ = ["TokenSource", "CLIENT_TOKEN_RE", "generate_client_token", "load_or_create_client_token"]
@@ -162,6 +161,9 @@ class TokenSource:
                 self.rotations,
             )
             return False
+        # Imported here: only a rotation uses it (start-up, issue 21).
+        from localproxy.tokens.advice import client_mode
+
         mode = client_mode(config.mode)
         logger.warning("The service refused the %s access token; rotating it (%s)", config.mode.value, mode)
         try:
@@ -182,6 +184,8 @@ class TokenSource:
         boto3 = _import_boto3()
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
+
+        from localproxy.tokens.advice import client_mode, region_of
 
         region = region_of(config) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not region:
