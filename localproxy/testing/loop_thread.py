@@ -51,6 +51,10 @@ class LoopThread:
         self.stop()
 
     def start(self, timeout: float = CALL_TIMEOUT) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"the {self.name} thread is already running")
+        self._started.clear()
+        self.loop = None
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
