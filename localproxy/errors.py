@@ -93,3 +93,9 @@ class ServiceUnavailableError(HandshakeRejectedError):
     """A 5xx answer to the upgrade: the service is in trouble, retry with backoff."""
 
     exit_code = ExitCode.CONNECTION_FAILED
+
+
+class MissingExtraError(LocalProxyError):
+    """A feature needs a package of an extra that is not installed; the message names the extra."""
+
+    exit_code = ExitCode.USAGE

@@ -29,9 +29,6 @@ PENDING_PAGES = frozenset(
         "docs/connect.md",
         "docs/local-sources.md",
         "docs/reliability-hostile-peers.md",
-        "docs/reliability-files-and-services.md",
-        "docs/testing-fixtures-sync.md",
-        "docs/install.md",
     }
 )
 

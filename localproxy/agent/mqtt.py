@@ -22,12 +22,15 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiomqtt
+try:
+    import aiomqtt
+except ImportError:  # the mqtt extra is absent: --help works, running says what to install
+    aiomqtt = None  # type: ignore[assignment]
 
 from localproxy.agent.events import AgentEvent, MqttConnected, MqttDisconnected
 from localproxy.agent.notify import NOTIFY_TOPIC_TEMPLATE
 from localproxy.config.mappings import validate_host
-from localproxy.errors import ConfigError, UsageError
+from localproxy.errors import ConfigError, MissingExtraError, UsageError
 from localproxy.ops.files import MAX_CONFIG_BYTES, UnsuitableFile, check_regular_file
 from localproxy.types import split_host_port
 from localproxy.websocket.session import Backoff
@@ -140,6 +143,8 @@ class MqttLink:
         self.topic = topic
         self._on_message = on_message
         self._emit = emit
+        if aiomqtt is None:
+            raise MissingExtraError("the device agent needs the mqtt extra: pip install 'localproxy[mqtt]'")
         self._context = settings.ssl_context()  # fail at start, with a clear error
 
     async def run(self) -> None:

@@ -6,7 +6,6 @@ the reference's shape (a nested JSON tree, values as strings).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from types import MappingProxyType
@@ -14,7 +13,6 @@ from typing import Any, Mapping
 
 from localproxy.errors import ConfigError, UsageError
 from localproxy.ops.files import MAX_CONFIG_BYTES, read_user_text
-from localproxy.ops.json_limits import JsonRefused, loads_bounded
 from localproxy.settings import (
     EXTRA_SETTING_KEYS,
     REGION_OVERRIDES_PREFIX,
@@ -82,6 +80,8 @@ def export_settings(path: str, settings: Settings | None = None) -> None:
 
     Raises :class:`ConfigError` when the file cannot be written.
     """
+    import json  # here: a run without settings files does not load json (start-up, issue 21)
+
     tree = settings_to_tree(settings if settings is not None else Settings())
     text = json.dumps(tree, indent=4) + "\n"
     try:
@@ -99,6 +99,11 @@ def load_settings_json(path: str, base: Settings | None = None) -> tuple[Setting
     raises :class:`ConfigError`; a bad value raises :class:`UsageError` naming the key.
     """
     text = read_user_text(path, "settings file", MAX_CONFIG_BYTES)  # a FIFO, /dev/zero: ConfigError
+    # here: a run without settings files does not load json (start-up, issue 21)
+    import json
+
+    from localproxy.ops.json_limits import JsonRefused, loads_bounded
+
     try:
         tree = loads_bounded(text, MAX_SETTINGS_DEPTH)
     except json.JSONDecodeError as exc:

@@ -15,17 +15,17 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from localproxy.errors import MissingExtraError
 
-CA_NAME = x509.Name(
-    [
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "localproxy emulator"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "localproxy emulator test CA"),
-    ]
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography (an extra: it has no wheel on some devices) is imported by generate() alone.
+TLS_EXTRA_HINT = (
+    "the emulator's TLS certificates (--tls without --cert/--key) need the cryptography package: "
+    "pip install 'localproxy[emulator-tls]'"
 )
 
 
@@ -88,6 +88,19 @@ def subject_hash(name: x509.Name) -> str:
 
 def generate(out_dir: Path, hosts: list[str]) -> GeneratedCerts:
     """Make a CA and a server certificate for ``hosts`` (IPs or DNS names) in ``out_dir``."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError:
+        raise MissingExtraError(TLS_EXTRA_HINT) from None
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "localproxy emulator"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "localproxy emulator test CA"),
+        ]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30)
@@ -95,8 +108,8 @@ def generate(out_dir: Path, hosts: list[str]) -> GeneratedCerts:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(CA_NAME)
-        .issuer_name(CA_NAME)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
@@ -123,7 +136,7 @@ def generate(out_dir: Path, hosts: list[str]) -> GeneratedCerts:
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(CA_NAME)
+        .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)

@@ -1,15 +1,20 @@
 """A source and a destination proxy joined through the emulator: what ``tunnel_pair`` makes.
 
-In-process (:class:`~localproxy.proxy.local_proxy.LocalProxy` in the test's event loop) by
-default, or the ``localproxy`` command as two child processes. Everything a pair
-started is stopped by :meth:`TunnelPair.close` (the fixture calls it at teardown).
+In-process (:class:`~localproxy.proxy.local_proxy.LocalProxy`) by default, or the
+``localproxy`` command as two child processes. The fixture starts them on an event loop
+of their own thread (:class:`PairFactory`), so a ``def`` test gets a running pair from
+``tunnel_pair({...})`` and an ``async def`` test from ``await tunnel_pair({...})``.
+Everything a pair started is stopped by :meth:`TunnelPair.close` (the fixture calls it
+at teardown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import shutil
+import socket
 import tempfile
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -22,11 +27,15 @@ from localproxy.config.proxy_config import ProxyConfig
 from localproxy.config.settings_json import export_settings
 from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.settings import Settings
+from localproxy.testing.loop_thread import CALL_TIMEOUT, LoopThread, running_loop
 from localproxy.testing.processes import LISTENING, ProxyProcess
 from localproxy.types import Mode, ServiceEndpoint, SourcePort
 
 if TYPE_CHECKING:
     from localproxy.emulator import Emulator, TunnelInfo
+    from localproxy.testing.service import ThreadedEmulator
+
+    Service = Emulator | ThreadedEmulator
 
 TIMEOUT = 15.0
 SOURCE_HOST = "127.0.0.1"
@@ -40,17 +49,23 @@ DestinationApps = Mapping[str, "int | str"]
 class TunnelPair:
     """A running pair: connect to ``source_host:source_ports[service]`` to reach that service."""
 
-    service: Emulator
+    service: Service
     tunnel: TunnelInfo
     source: LocalProxy | ProxyProcess
     destination: LocalProxy | ProxyProcess
     source_ports: dict[str, int]
     source_host: str = SOURCE_HOST
     _stack: AsyncExitStack = field(default_factory=AsyncExitStack, repr=False)
+    # The loop thread the proxies run on (None: the caller's own loop).
+    runner: LoopThread | None = field(default=None, repr=False)
 
     @property
     def tunnel_id(self) -> str:
         return self.tunnel.tunnel_id
+
+    def connect(self, service: str, timeout: float = TIMEOUT) -> socket.socket:
+        """A blocking TCP connection to the source proxy's port for ``service`` (for ``def`` tests)."""
+        return socket.create_connection((self.source_host, self.source_ports[service]), timeout=timeout)
 
     async def open_connection(self, service: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection to the source proxy's port for ``service``."""
@@ -58,9 +73,14 @@ class TunnelPair:
             asyncio.open_connection(self.source_host, self.source_ports[service]), TIMEOUT
         )
 
-    async def close(self) -> None:
-        """Stop both proxies (source first); again is a no-op."""
-        await self._stack.aclose()
+    def close(self) -> Any:
+        """Stop both proxies (source first); again is a no-op.
+
+        Blocks in a ``def`` test; in an ``async def`` test returns an awaitable (``await pair.close()``).
+        """
+        if self.runner is None:
+            return self._stack.aclose()
+        return self.runner.dual(self._stack.aclose())
 
 
 def destination_mapping(apps: DestinationApps) -> str:
@@ -75,7 +95,7 @@ def destination_mapping(apps: DestinationApps) -> str:
 
 
 async def start_pair(
-    service: Emulator,
+    service: Service,
     apps: DestinationApps,
     *,
     processes: bool = False,
@@ -101,7 +121,7 @@ async def start_pair(
 
 
 async def _start_in_process(
-    service: Emulator, tunnel: TunnelInfo, mapping: str, settings: Settings | None,
+    service: Service, tunnel: TunnelInfo, mapping: str, settings: Settings | None,
     stack: AsyncExitStack, timeout: float,
 ) -> tuple[LocalProxy, LocalProxy, dict[str, int]]:  # fmt: skip
     targets, _ = parse_mapping(mapping, Mode.DESTINATION, "--destination-app")
@@ -125,7 +145,7 @@ async def _start_in_process(
 
 
 async def _start_processes(
-    service: Emulator, tunnel: TunnelInfo, mapping: str, settings: Settings | None,
+    service: Service, tunnel: TunnelInfo, mapping: str, settings: Settings | None,
     stack: AsyncExitStack, timeout: float,
 ) -> tuple[ProxyProcess, ProxyProcess, dict[str, int]]:  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="localproxy-pair-"))
@@ -153,7 +173,7 @@ async def _start_processes(
 
 
 async def _connected(
-    service: Emulator, tunnel: TunnelInfo, side: str, child: ProxyProcess, timeout: float
+    service: Service, tunnel: TunnelInfo, side: str, child: ProxyProcess, timeout: float
 ) -> None:
     try:
         await service.wait_connected(tunnel.tunnel_id, side, timeout)
@@ -173,30 +193,66 @@ async def stop_process(child: ProxyProcess, timeout: float = 5.0) -> None:
 
 
 class PairFactory:
-    """``await tunnel_pair({"SSH": port})``: the fixture's value; closes every pair at teardown."""
+    """``tunnel_pair({"SSH": port})``: the fixture's value; closes every pair at teardown.
 
-    def __init__(self, service: Emulator) -> None:
+    The pairs' proxies run on a loop thread of the factory's own, started at the first
+    pair: in a ``def`` test a call blocks until the pair is up and returns it; in an
+    ``async def`` test it returns an awaitable (``pair = await tunnel_pair({...})``).
+    """
+
+    def __init__(self, service: Service) -> None:
         self.service = service
         self.pairs: list[TunnelPair] = []
+        self._starts: list[concurrent.futures.Future[TunnelPair]] = []
+        self._runner: LoopThread | None = None
 
-    async def __call__(
+    def __call__(
         self,
         apps: DestinationApps,
         *,
         processes: bool = False,
-        service: Emulator | None = None,
+        service: Service | None = None,
         settings: Settings | None = None,
         thing_name: str | None = None,
         timeout: float = TIMEOUT,
-    ) -> TunnelPair:
-        pair = await start_pair(
-            service or self.service, apps, processes=processes, settings=settings, thing_name=thing_name,
-            timeout=timeout,
-        )  # fmt: skip
-        self.pairs.append(pair)
-        return pair
+    ) -> Any:
+        destination_mapping(apps)  # a bad mapping fails here, in the caller, sync or async
+        if self._runner is None:
+            self._runner = LoopThread("localproxy-pairs")
+            self._runner.start()
+        runner = self._runner
 
-    async def close_all(self) -> None:
-        for pair in reversed(self.pairs):
-            await pair.close()
-        self.pairs.clear()
+        async def start() -> TunnelPair:
+            pair = await start_pair(
+                service or self.service, apps, processes=processes, settings=settings, thing_name=thing_name,
+                timeout=timeout,
+            )  # fmt: skip
+            pair.runner = runner
+            self.pairs.append(pair)  # on the runner's thread only
+            return pair
+
+        future = runner.submit(start())
+        self._starts.append(future)
+        if running_loop() is not None:
+            return asyncio.wrap_future(future)
+        return future.result(timeout + CALL_TIMEOUT)
+
+    def close_all(self) -> None:
+        """Stop every pair (newest first) and the loop thread (blocking: the fixture's teardown)."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        try:
+            for start in self._starts:
+                with contextlib.suppress(BaseException):
+                    start.result(CALL_TIMEOUT)  # a pair still starting is stopped once up
+            self._starts.clear()
+
+            async def close_all() -> None:
+                for pair in reversed(self.pairs):
+                    await pair._stack.aclose()
+                self.pairs.clear()
+
+            runner.run(close_all())
+        finally:
+            runner.stop()

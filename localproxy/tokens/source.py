@@ -29,7 +29,6 @@ from localproxy.errors import (
     LocalProxyError,
 )
 from localproxy.ops.files import MAX_SMALL_FILE_BYTES, UnsuitableFile, read_bounded
-from localproxy.tokens.advice import client_mode, region_of
 from localproxy.types import Mode
 
 __all__ = ["TokenSource", "CLIENT_TOKEN_RE", "generate_client_token", "load_or_create_client_token"]
@@ -166,6 +165,9 @@ class TokenSource:
                 self.rotations,
             )
             return False
+        # Imported here: only a rotation uses it (start-up, issue 21).
+        from localproxy.tokens.advice import client_mode
+
         mode = client_mode(config.mode)
         logger.warning("The service refused the %s access token; rotating it (%s)", config.mode.value, mode)
         try:
@@ -186,6 +188,8 @@ class TokenSource:
         boto3 = _import_boto3()
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
+
+        from localproxy.tokens.advice import client_mode, region_of
 
         region = region_of(config) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not region:

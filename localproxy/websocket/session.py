@@ -60,10 +60,8 @@ from localproxy.errors import (
     UsageError,
 )
 from localproxy.settings import Settings
-from localproxy.tokens.advice import rejection_error, sanitize_body
 from localproxy.tokens.source import register_secret
 from localproxy.websocket.connection import TunnelConnection
-from localproxy.websocket.http_connect import open_tunnel_socket, proxy_display
 
 __all__ = [
     "Backoff",
@@ -183,6 +181,9 @@ async def open_session(
             register_secret(urllib.parse.unquote(password))
     logger.info("Attempting to establish web socket connection with endpoint %s", config.endpoint.url)
     if proxy_url:
+        # Imported here: only runs through a proxy use it (start-up, issue 21).
+        from localproxy.websocket.http_connect import open_tunnel_socket, proxy_display
+
         logger.info("Connecting through HTTPS proxy %s", proxy_display(proxy_url))
     tunnel_socket: socket.socket | None = None
     try:
@@ -269,6 +270,9 @@ def _tune_socket(ws: ClientConnection, receive_buffer: int) -> None:
 def _rejected(
     config: ProxyConfig, exc: InvalidStatus, access_token: str, client_token: str | None
 ) -> LocalProxyError:
+    # Imported here: only a rejected upgrade needs the advice (start-up, issue 21).
+    from localproxy.tokens.advice import rejection_error, sanitize_body
+
     response = exc.response
     status = response.status_code
     reason = response.reason_phrase or ""
@@ -287,6 +291,8 @@ def _failure(config: ProxyConfig, exc: Exception, proxy_url: str | None, timeout
     if isinstance(exc, NegotiationError):
         return ProtocolError(f"Websocket negotiation with {where} failed: {exc}")
     if isinstance(exc, ProxyError):
+        from localproxy.websocket.http_connect import proxy_display
+
         proxy = proxy_display(proxy_url) if proxy_url else "the proxy"
         detail = str(exc)
         response = getattr(exc, "response", None)
