@@ -28,7 +28,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from localproxy.config.proxy_config import ProxyConfig
-from localproxy.errors import LocalProxyError
+from localproxy.errors import ConnectionFailedError, LocalProxyError
 from localproxy.events import ErrorEvent, Event, Listening, TunnelReady
 from localproxy.local.adapters import (
     PAUSE_CONGESTED,
@@ -36,6 +36,7 @@ from localproxy.local.adapters import (
     LocalConnection,
     listen,
 )
+from localproxy.ops.peerlog import log_limited
 from localproxy.tunnel.actions import (
     Close,
     Connect,
@@ -58,6 +59,13 @@ from localproxy.websocket.sender import Sender
 __all__ = ["Engine"]
 
 logger = logging.getLogger("localproxy.proxy")
+
+# Bytes of control frames (resets, mostly) that may wait for the websocket. The
+# proxy's own need is a few frames per connection; past this the service sends
+# frames that each need an answer (DATA for unknown streams, CONNECTION_START over
+# the limit) without taking the answers: the session ends, and reconnects.
+MAX_UNSENT_CONTROL = 256 * 1024
+
 
 class Engine:
     """Local connections, listeners and the current session's sender of one proxy."""
@@ -85,6 +93,8 @@ class Engine:
         # Per service id, for LocalProxy.stats(): one += where the bytes pass anyway.
         self.bytes_sent: defaultdict[str, int] = defaultdict(int)  # local apps -> tunnel
         self.bytes_received: defaultdict[str, int] = defaultdict(int)  # tunnel -> local apps
+        # Bounds a peer reached (ended sessions), by rule: merged into stats' "dropped".
+        self.limits_hit: defaultdict[str, int] = defaultdict(int)
 
     @property
     def paused_writers(self) -> frozenset[LocalConnection]:
@@ -146,10 +156,13 @@ class Engine:
                 if conn is not None:
                     (conn.pause_reading if kind is Hold else conn.resume_reading)(PAUSE_HELD)
             elif kind is Send:
-                if self.sender is not None:
-                    self.sender.push_control(action.frame, action.key, action.service_id)
+                sender = self.sender
+                if sender is not None:
+                    sender.push_control(action.frame, action.key, action.service_id)
+                    if sender.scheduler.control_queued > MAX_UNSENT_CONTROL and self.restart is None:
+                        self._control_overflow(sender.scheduler.control_queued)
             elif kind is Log:
-                logger.log(action.level, "%s", action.message)
+                log_limited(logger, action.level, action.key or action.message, action.message)
             elif kind is Fatal:
                 self.fatal = action.error
             elif kind is RestartSession:
@@ -199,6 +212,20 @@ class Engine:
         self._servers[service_id] = servers
         self.ports[service_id] = port
         self.emit(Listening(service_id, port))
+
+    def _control_overflow(self, queued: int) -> None:
+        """The service makes this proxy answer faster than it takes the answers: reconnect."""
+        self.limits_hit["unsent_control_overflow"] += 1
+        error = ConnectionFailedError(
+            f"The service sent frames that each need an answer (a reset) but does not take them: "
+            f"{queued:,} bytes of answers wait to be sent (bound {MAX_UNSENT_CONTROL:,}); "
+            "ending the session"
+        )
+        logger.warning("%s", error)
+        self.restart = error
+        self.emit(ErrorEvent(error, fatal=False))
+        if self.sender is not None:
+            self.sender.abort()  # a close handshake would wait behind the unsent bytes
 
     def _connect(self, action: Connect) -> None:
         settings = self.config.settings
