@@ -8,7 +8,7 @@ must not make every line new) through per ``window`` seconds and counts the rest
 when a window with suppressed lines ends, :meth:`RateLimiter.admit` or
 :meth:`RateLimiter.due` hands back a :class:`Summary` ("... 14,203 more in the
 last 10 s"). The clock is injected: no I/O, no timers here (the logging side
-schedules the flush, :mod:`localproxy.ops.peerlog`).
+schedules the flush: :mod:`localproxy.ops.peerlog`).
 
 :func:`escape` makes peer-controlled text safe for a one-line log format.
 """
@@ -95,12 +95,13 @@ class RateLimiter:
         ends = [w.start + self.window for w in self._windows.values() if w.suppressed]
         return min(ends) if ends else None
 
-    def due(self) -> list[Summary]:
-        """Summaries of the windows that ended with suppressed lines; idle keys are forgotten."""
+    def due(self, *, force: bool = False) -> list[Summary]:
+        """Summaries of the windows that ended with suppressed lines (with ``force``: of
+        every window, ended or not); keys of ended windows are forgotten."""
         now = self.clock()
         out, self._evicted = self._evicted, []
         for key, window in list(self._windows.items()):
-            if now - window.start < self.window:
+            if now - window.start < self.window and not force:
                 continue
             summary = self._close(key, window, now)
             if summary is not None:

@@ -33,10 +33,11 @@ from localproxy.events import ErrorEvent, Event, Listening, TunnelReady
 from localproxy.local.adapters import (
     PAUSE_CONGESTED,
     PAUSE_HELD,
+    Listener,
     LocalConnection,
     listen,
 )
-from localproxy.ops.peerlog import log_limited
+from localproxy.ops.peerlog import PeerLog
 from localproxy.tunnel.actions import (
     Close,
     Connect,
@@ -87,12 +88,14 @@ class Engine:
         self._gate_timer: asyncio.TimerHandle | None = None
         self._gating = False
         self.sender: Sender | None = None
-        self._servers: dict[str, list[asyncio.Server]] = {}
+        self._servers: dict[str, list[Listener]] = {}
         self._conns: dict[int, LocalConnection] = {}
         self._paused_writers: set[LocalConnection] = set()
         # Per service id, for LocalProxy.stats(): one += where the bytes pass anyway.
         self.bytes_sent: defaultdict[str, int] = defaultdict(int)  # local apps -> tunnel
         self.bytes_received: defaultdict[str, int] = defaultdict(int)  # tunnel -> local apps
+        # Lines a peer can cause, rate-limited (one budget per proxy).
+        self.peer_log = PeerLog()
         # Bounds a peer reached (ended sessions), by rule: merged into stats' "dropped".
         self.limits_hit: defaultdict[str, int] = defaultdict(int)
 
@@ -125,6 +128,7 @@ class Engine:
         self._conns.clear()
         self._paused_writers.clear()
         self._reconsider_reading()
+        self.peer_log.close()
 
     # --- actions -------------------------------------------------------------------
 
@@ -162,7 +166,7 @@ class Engine:
                     if sender.scheduler.control_queued > MAX_UNSENT_CONTROL and self.restart is None:
                         self._control_overflow(sender.scheduler.control_queued)
             elif kind is Log:
-                log_limited(logger, action.level, action.key or action.message, action.message)
+                self.peer_log.log(logger, action.level, action.key or action.message, action.message)
             elif kind is Fatal:
                 self.fatal = action.error
             elif kind is RestartSession:
@@ -205,7 +209,9 @@ class Engine:
             return LocalConnection(self, service_id)
 
         try:
-            servers, port = await listen(service_id, self.config.effective_bind_address, action.port, factory)
+            servers, port = await listen(
+                service_id, self.config.effective_bind_address, action.port, factory, self.peer_log
+            )
         except LocalProxyError as error:
             self.fatal = error
             return
@@ -258,8 +264,9 @@ class Engine:
     def local_opened(self, conn: LocalConnection) -> None:
         if self.config.mode is Mode.DESTINATION:
             return  # its key came with the Connect action
-        logger.info(
-            "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer
+        self.peer_log.log(
+            logger, logging.INFO, "accepted",
+            "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer,
         )
         key, actions = self.tunnel.local_opened(conn.service_id)
         conn.key = key

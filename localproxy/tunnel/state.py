@@ -57,7 +57,12 @@ from localproxy.tunnel.actions import (
     control_frame,
 )
 from localproxy.tunnel.core import VERSIONS, Output, Stream, TunnelCore
-from localproxy.tunnel.services import MAX_TUNNEL_SERVICES, ignored_services, name_list, resolve_services
+from localproxy.tunnel.services import (
+    MAX_TUNNEL_SERVICES,
+    ignored_services,
+    name_list,
+    resolve_services,
+)
 from localproxy.types import DestinationTarget, Mode, SourcePort
 from localproxy.wire.codec import BytesLike, Message, MessageType
 
