@@ -43,7 +43,7 @@ class PeerLog:
         if summary is not None:
             _log_summary(summary)
         if admitted:
-            logger.log(level, "%s", text)
+            logger.log(level, "%s", text, stacklevel=2)  # the caller's file and line
         else:
             self._schedule_flush()
 

@@ -122,8 +122,10 @@ class RateLimiter:
 
 
 def summary_text(summary: Summary) -> str:
-    """``<last line> ... 14,203 more in the last 10 s``."""
-    return f"{summary.last} ... {summary.count:,} more in the last {summary.seconds:.0f} s"
+    """``<last suppressed line> ... 14,203 more in the last 10 s``."""
+    seconds = summary.seconds
+    span = f"{seconds:.0f}" if seconds >= 9.95 else f"{seconds:.1f}"
+    return f"{summary.last} ... {summary.count:,} more in the last {span} s"
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}

@@ -221,13 +221,12 @@ class Engine:
 
     def _control_overflow(self, queued: int) -> None:
         """The service makes this proxy answer faster than it takes the answers: reconnect."""
-        self.limits_hit["unsent_control_overflow"] += 1
+        self.limits_hit["reply_overflow"] += 1
         error = ConnectionFailedError(
             f"The service sent frames that each need an answer (a reset) but does not take them: "
-            f"{queued:,} bytes of answers wait to be sent (bound {MAX_UNSENT_CONTROL:,}); "
-            "ending the session"
+            f"{queued:,} bytes of answers wait to be sent (bound {MAX_UNSENT_CONTROL:,})"
         )
-        logger.warning("%s", error)
+        logger.warning("%s; ending the session", error)
         self.restart = error
         self.emit(ErrorEvent(error, fatal=False))
         if self.sender is not None:

@@ -88,6 +88,8 @@ class LocalProxy:
         self._task: asyncio.Task[None] | None = None
         self._replaced = False  # the last session was closed as replaced by another proxy
         self._replaced_warned = False
+        # The largest websocket write buffer seen (bytes; bounded: keepalive.MAX_UNSENT).
+        self.unsent_peak = 0
 
     # --- public API ---------------------------------------------------------------
 
@@ -140,7 +142,8 @@ class LocalProxy:
         services = tuple(engine.tunnel.services or self.config.services)
         return self._counters.snapshot(
             self.name, self.config.mode.value, services=services, active=engine.tunnel.connections_by_service(),
-            received=engine.bytes_received, sent=engine.bytes_sent, dropped=engine.tunnel.dropped, ws=self._ws,
+            received=engine.bytes_received, sent=engine.bytes_sent,
+            dropped={**engine.tunnel.dropped, **engine.limits_hit}, ws=self._ws,
         )
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
@@ -281,6 +284,9 @@ class LocalProxy:
         finally:
             receiver.stop()
             self._ws = None
+            self.unsent_peak = max(self.unsent_peak, getattr(ws, "unsent_peak", 0))
+            if getattr(ws, "overflowed", False):
+                engine.limits_hit["pong_overflow"] += 1
             engine.session_ended()
             try:
                 await asyncio.shield(ws.close())

@@ -107,6 +107,7 @@ class KeepaliveConnection(ClientConnection):
         self.dead_reason: str | None = None
         self.max_unsent = MAX_UNSENT
         self.unsent_peak = 0  # the largest write buffer seen by check_unsent (stats, tests)
+        self.overflowed = False  # aborted for passing max_unsent
 
     def data_received(self, data: bytes) -> None:
         self.note_received()
@@ -121,6 +122,7 @@ class KeepaliveConnection(ClientConnection):
             self.unsent_peak = size
         if size <= self.max_unsent or self.dead_reason is not None:
             return self.dead_reason is not None
+        self.overflowed = True
         self.dead_reason = (
             f"the service takes none of our bytes but keeps sending frames that need an answer "
             f"(pings): {size:,} bytes wait unsent (bound {self.max_unsent:,})"
