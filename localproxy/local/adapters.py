@@ -316,7 +316,7 @@ class Listener:
                 return
             if self._failing:
                 self._failing = False
-                logger.warning("%s: accepting connections again", self._name)
+                self._peer_log.log(logger, logging.WARNING, "accept-resumed", "%s: accepting connections again", self._name)
             conn.setblocking(False)
             loop.create_task(self._serve(conn))
 
