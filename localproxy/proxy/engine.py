@@ -65,7 +65,7 @@ logger = logging.getLogger("localproxy.proxy")
 # proxy's own need is a few frames per connection; past this the service sends
 # frames that each need an answer (DATA for unknown streams, CONNECTION_START over
 # the limit) without taking the answers: the session ends, and reconnects.
-MAX_UNSENT_CONTROL = 256 * 1024
+MAX_UNSENT_CONTROL = 64 * 1024  # ~5,000 resets (~0.5 MB as Python objects)
 
 
 class Engine:
@@ -79,6 +79,7 @@ class Engine:
         self.fatal: LocalProxyError | None = None  # stop the proxy
         self.restart: LocalProxyError | None = None  # end this session, reconnect
         self.ready = False  # the tunnel's services were known once
+        self.flooded = False  # this session ends at a bound a flooding peer reached
         self.on_ready: Callable[[], None] = lambda: None
         # Set while the websocket may be read (see receive_policy.py); the name is historic.
         self.writers_drained = asyncio.Event()
@@ -107,6 +108,7 @@ class Engine:
 
     def session_started(self, ws: Any) -> None:
         self.restart = None
+        self.flooded = False
         self.sender = Sender(ws, self._resume_reading)
 
     def session_ended(self) -> None:
@@ -228,6 +230,7 @@ class Engine:
         )
         logger.warning("%s; ending the session", error)
         self.restart = error
+        self.flooded = True
         self.emit(ErrorEvent(error, fatal=False))
         if self.sender is not None:
             self.sender.abort()  # a close handshake would wait behind the unsent bytes
