@@ -122,3 +122,20 @@ async def test_peer_log_limits_lines_in_both_formats_and_flushes_by_timer(log_fo
     else:
         assert lines[-1].endswith("stream 999 is dead ... 998 more in the last 0.2 s")
         assert "[info]" in lines[-1]
+
+
+def test_reference_format_escapes_peer_text_but_keeps_our_advice_lines() -> None:
+    from localproxy.ops.logs import ReferenceFormatter
+
+    formatter = ReferenceFormatter()
+
+    def line(message: str, **extra: object) -> str:
+        record = logging.LogRecord("localproxy.test", logging.ERROR, __file__, 1, "%s", (message,), None)
+        record.__dict__.update(extra)
+        return formatter.format(record)
+
+    forged = line("closed: bye\n[2026-01-01T00:00:00.000000]{1}[error]   FORGED\x1b[2J")
+    assert "\n" not in forged and "\x1b" not in forged
+    assert forged.endswith("closed: bye\\n[2026-01-01T00:00:00.000000]{1}[error]   FORGED\\x1b[2J")
+    advice = line("Refused.\nWhy: single-use.\x1b[31m\nFix: rotate", multiline=True)
+    assert advice.split("\n")[1:] == ["Why: single-use.\\x1b[31m", "Fix: rotate"]

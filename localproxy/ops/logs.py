@@ -156,14 +156,22 @@ class ReferenceFormatter(logging.Formatter):
 
     The message is escaped (:func:`~localproxy.ops.ratelimit.escape`): text a peer
     sent (a service id, a close reason, a header) must not start a line of its own
-    or carry terminal escapes. Tracebacks after it keep their lines.
+    or carry terminal escapes. Tracebacks after it keep their lines, and so does a
+    record logged with ``extra={"multiline": True}`` (our own advice on several
+    lines: every other control character is still escaped, and the peer text
+    such messages quote is cleaned where they are built).
     """
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created).strftime("%Y-%m-%dT%H:%M:%S.%f")
         level = "[" + _level_name(record.levelno) + "]"
         # The reference prints the bracketed level in a field of 9, then a space.
-        line = f"[{stamp}]{{{os.getpid()}}}{level:<9} {escape(record.getMessage())}"
+        message = record.getMessage()
+        if getattr(record, "multiline", False):  # our own text on several lines (advice)
+            message = "\n".join(escape(part) for part in message.split("\n"))
+        else:
+            message = escape(message)
+        line = f"[{stamp}]{{{os.getpid()}}}{level:<9} {message}"
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -38,8 +38,6 @@ def name_list(ids: Sequence[str], limit: int = SHOWN_IDS) -> str:
     return shown if len(ids) <= limit else f"{shown} and {len(ids) - limit:,} more"
 
 
-_names = name_list
-
 
 def ignored_services(served: Mapping[str, ServiceTarget], tunnel_ids: Sequence[str] | None) -> list[str]:
     """Ids the tunnel announced that :func:`resolve_services` left out (source mode)."""
@@ -73,22 +71,22 @@ def resolve_services(
             example = ",".join(f"{_shown(s)}=..." for s in ids[:MAX_TUNNEL_SERVICES])
             flag = "-s" if mode is Mode.SOURCE else "-d"
             raise ConfigError(
-                f"The tunnel has several services ({_names(ids)}): a single unnamed mapping cannot "
+                f"The tunnel has several services ({name_list(ids)}): a single unnamed mapping cannot "
                 f"choose one. Name each service, e.g. {flag} {example}"
             )
         return {ids[0] if ids else V1_SERVICE: configured[V1_SERVICE]}
     unknown = [service for service in configured if service not in ids]
     if unknown:
         raise ConfigError(
-            f"Service id(s) {_names(unknown)} given to the local proxy are not services of the "
-            f"tunnel (the tunnel has: {_names(ids)}). Use the service ids given to OpenTunnel"
+            f"Service id(s) {name_list(unknown)} given to the local proxy are not services of the "
+            f"tunnel (the tunnel has: {name_list(ids)}). Use the service ids given to OpenTunnel"
             + ("" if ids else ", or a single unnamed mapping for a tunnel without services")
         )
     if mode is Mode.DESTINATION:
         missing = [service for service in ids if service not in configured]
         if missing:
             raise ConfigError(
-                f"No destination is configured for the tunnel's service(s) {_names(missing)}: "
+                f"No destination is configured for the tunnel's service(s) {name_list(missing)}: "
                 f"add e.g. -d {_shown(missing[0])}=host:port (or a line in --config-dir)"
             )
         if not ids:
@@ -105,7 +103,7 @@ def _resolve_v1(mode: Mode, configured: Mapping[str, ServiceTarget]) -> dict[str
     if len(configured) > 1:
         raise ConfigError(
             f"The V1 protocol carries a single service, but {len(configured)} are configured "
-            f"({_names(list(configured))}): configure one, or use subprotocol V2/V3"
+            f"({name_list(list(configured))}): configure one, or use subprotocol V2/V3"
         )
     if not configured:
         if mode is Mode.DESTINATION:
