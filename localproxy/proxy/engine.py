@@ -30,13 +30,8 @@ from typing import Any, Callable
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import ConnectionFailedError, LocalProxyError
 from localproxy.events import ErrorEvent, Event, Listening, TunnelReady
-from localproxy.local.adapters import (
-    PAUSE_CONGESTED,
-    PAUSE_HELD,
-    Listener,
-    LocalConnection,
-    listen,
-)
+from localproxy.local.adapters import PAUSE_CONGESTED, PAUSE_HELD, LocalConnection
+from localproxy.local.listeners import Listener, listen
 from localproxy.ops.peerlog import PeerLog
 from localproxy.tunnel.actions import (
     Close,

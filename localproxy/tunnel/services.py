@@ -8,6 +8,7 @@ tunnel serves, keyed by the service id used on the wire, or raises a
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Sequence
 
 from localproxy.errors import ConfigError
@@ -19,7 +20,7 @@ from localproxy.types import (
     SourcePort,
 )
 
-__all__ = ["MAX_TUNNEL_SERVICES", "SHOWN_IDS", "ignored_services", "name_list", "resolve_services"]
+__all__ = ["MAX_TUNNEL_SERVICES", "SHOWN_IDS", "ignored_note", "ignored_services", "name_list", "resolve_services"]
 
 MAX_TUNNEL_SERVICES = 3  # a tunnel has at most 3 services (service quota, PROTOCOL.md)
 SHOWN_IDS = 5  # ids named in a message; the rest are counted
@@ -44,6 +45,19 @@ def ignored_services(served: Mapping[str, ServiceTarget], tunnel_ids: Sequence[s
     if tunnel_ids is None:
         return []
     return [service for service in dict.fromkeys(tunnel_ids) if service not in served]
+
+
+def ignored_note(ignored: Sequence[str], configured: bool) -> tuple[int, str] | None:
+    """The log level and line for announced services without a listener (None: there are none)."""
+    if not ignored:
+        return None
+    if configured:
+        reason, level = "not configured here (-s)", logging.INFO
+    else:
+        reason, level = f"beyond the {MAX_TUNNEL_SERVICES} a tunnel may have", logging.WARNING
+    return level, (
+        f"The tunnel announces {len(ignored):,} service(s) {reason}; no listener for them: {name_list(ignored)}"
+    )
 
 
 def resolve_services(

@@ -57,12 +57,7 @@ from localproxy.tunnel.actions import (
     control_frame,
 )
 from localproxy.tunnel.core import VERSIONS, Output, Stream, TunnelCore
-from localproxy.tunnel.services import (
-    MAX_TUNNEL_SERVICES,
-    ignored_services,
-    name_list,
-    resolve_services,
-)
+from localproxy.tunnel.services import ignored_note, ignored_services, resolve_services
 from localproxy.types import DestinationTarget, Mode, SourcePort
 from localproxy.wire.codec import BytesLike, Message, MessageType
 
@@ -328,25 +323,11 @@ class TunnelState(TunnelCore):
     def _note_ignored(self, ignored: list[str], out: Output) -> None:
         """Source: announced services served by no listener; said once per change, briefly."""
         key = frozenset(ignored)
-        if key == self._ignored_said:
-            return
-        self._ignored_said = key
-        if not ignored:
-            return
-        if self._configured:
-            reason = "not configured here (-s)"
-            level = logging.INFO
-        else:
-            reason = f"beyond the {MAX_TUNNEL_SERVICES} a tunnel may have"
-            level = logging.WARNING
-        out.append(
-            Log(
-                level,
-                f"The tunnel announces {len(ignored):,} service(s) {reason}; no listener for them: "
-                + name_list(ignored),
-                "ignored-services",
-            )
-        )
+        if key != self._ignored_said:
+            self._ignored_said = key
+            note = ignored_note(ignored, bool(self._configured))
+            if note is not None:
+                out.append(Log(*note, "ignored-services"))
 
     # --- local side ------------------------------------------------------------
 
