@@ -116,6 +116,30 @@ async def test_ping_flood_ends_the_session_at_the_bound_and_reconnects(records: 
     assert "closing it and reconnecting" in line
 
 
+async def test_dead_link_rule_fires_when_the_buffer_never_drains(records: Records) -> None:
+    """Pings until our buffer holds more than our own data could (under the bound), then silence."""
+    app, app_port = await echo_app()
+    settings = Settings(retry_delay_ms=50, ping_period_ms=300)
+    async with AsyncExitStack() as stack, HostileService(("SSH",)) as service:
+        stack.callback(app.close)
+        target = {"SSH": DestinationTarget("127.0.0.1", app_port)}
+        proxy = await started(stack, config(service.url, Mode.DESTINATION, target, settings))
+        first = await service.next_session()
+        await records.wait_for(r"the service answers pings")  # armed: silence can mean dead now
+        first.stop_reading()
+        transport = proxy._ws.transport
+        for _ in range(400):  # 64 KiB of pongs per step, until over half the bound
+            if transport.get_write_buffer_size() > MAX_UNSENT // 2 + 64 * 1024:
+                break
+            first.write_raw(ping_frames(500))
+            await asyncio.sleep(0.01)  # (pacing the flood so the proxy reads it step by step)
+        size = transport.get_write_buffer_size()
+        assert MAX_UNSENT // 2 < size <= MAX_UNSENT  # not the overflow rule: the dead-link one
+        await records.wait_for(r"the link is dead")
+        await service.next_session()
+    assert not records.matching(r"bytes wait unsent")
+
+
 async def _wait_for_data(session: Session, payload: bytes, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout

@@ -32,7 +32,9 @@ websocket is dead:
   10 s) while looking alive. Past the bound the link is treated as dead: aborted
   with a warning, and the session loop reconnects. Checked where pongs are
   written (after websockets handled received control frames) and at every
-  keepalive wake, so it fires even if nothing more arrives.
+  keepalive wake, so it fires even if nothing more arrives; and a buffer over
+  half the bound is no excuse for silence (our own data never fills it so far), so
+  a service that made us write that much and went quiet is found dead as usual.
 
 :class:`Liveness` is sans-I/O; :class:`KeepaliveConnection` is the thin websockets
 adapter (plugged in with ``connect``'s ``create_connection`` hook) that feeds it
@@ -186,7 +188,10 @@ class KeepaliveConnection(ClientConnection):
         if not transport.is_reading():
             return True  # the proxy paused reading: a slow local reader
         # The service does not take our bytes (a slow peer): our ping waits behind them.
-        return bool(transport.get_write_buffer_size()) and not _retransmitting(transport)
+        # Unless the buffer holds more than our own data ever makes it hold: then the
+        # service made us write it (pongs), and its silence is its own.
+        size = transport.get_write_buffer_size()
+        return 0 < size <= self.max_unsent // 2 and not _retransmitting(transport)
 
     def _forget_old_pings(self) -> None:
         """A service that never answers would grow websockets' ping table forever."""
