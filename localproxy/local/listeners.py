@@ -184,5 +184,6 @@ async def listen(
         raise
     if not servers:
         raise ConfigError(f"Cannot listen on {bind_address} for service {name}: no usable address")
-    logger.info("Listening for new connection on port %d", port)
+    # (a peer can make a source listen and stop again by changing SERVICE_IDS: limited)
+    peer_log.log(logger, logging.INFO, "listening", "Listening for new connection on port %d", port)
     return servers, port
