@@ -39,7 +39,6 @@ def name_list(ids: Sequence[str], limit: int = SHOWN_IDS) -> str:
     return shown if len(ids) <= limit else f"{shown} and {len(ids) - limit:,} more"
 
 
-
 def ignored_services(served: Mapping[str, ServiceTarget], tunnel_ids: Sequence[str] | None) -> list[str]:
     """Ids the tunnel announced that :func:`resolve_services` left out (source mode)."""
     if tunnel_ids is None:
