@@ -69,5 +69,6 @@ async def run_proxy(config: ProxyConfig, operations: OpsOptions | None = None) -
                 closed.result()  # raises the fatal error, if any
                 return 0
     except LocalProxyError as error:
-        logger.error("%s", error)  # its message is written for the user
+        # Its message is written for the user, maybe on several lines (token advice).
+        logger.error("%s", error, extra={"multiline": True})
         return error.exit_code

@@ -109,7 +109,7 @@ def written(actions: Iterable[Any]) -> dict[int, bytes]:
 RESOLVE_OK = [
     (Mode.SOURCE, {"SSH": SourcePort(5555)}, ["SSH"], {"SSH": SourcePort(5555)}),
     (Mode.SOURCE, {}, ["SSH", "WEB"], {"SSH": SourcePort(0), "WEB": SourcePort(0)}),
-    (Mode.SOURCE, {"SSH": SourcePort(5555)}, ["SSH", "WEB"], {"SSH": SourcePort(5555), "WEB": SourcePort(0)}),
+    (Mode.SOURCE, {"SSH": SourcePort(5555)}, ["SSH", "WEB"], {"SSH": SourcePort(5555)}),  # issue 22: configured only
     (Mode.SOURCE, {"": SourcePort(5555)}, ["SSH"], {"SSH": SourcePort(5555)}),
     (Mode.SOURCE, {"": SourcePort(5555)}, [], {"": SourcePort(5555)}),
     (Mode.SOURCE, {}, [], {"": SourcePort(0)}),
@@ -172,10 +172,10 @@ def test_service_ids_mismatch_is_fatal_config_error() -> None:
 
 
 def test_source_listens_after_service_ids_only_once_across_sessions() -> None:
-    tunnel = TunnelState(Mode.SOURCE, {"SSH": SourcePort(5555)})
+    tunnel = TunnelState(Mode.SOURCE, {})  # no mapping: every service (up to 3), on picked ports
     assert tunnel.session_started(V3) == []
     out = tunnel.receive([service_ids("SSH", "WEB")])
-    assert of(out, Listen) == [Listen("SSH", 5555), Listen("WEB", 0)]
+    assert of(out, Listen) == [Listen("SSH", 0), Listen("WEB", 0)]
     assert of(out, TunnelReady) == [TunnelReady(("SSH", "WEB"))]
     tunnel.session_lost()
     tunnel.session_started(V3)
@@ -924,7 +924,10 @@ def test_destination_answer_memory_is_bounded_and_per_session() -> None:
     tunnel = destination()
     assert sent(tunnel.receive([data(1)])) == [msg(T.STREAM_RESET, 1, "SSH")]
     assert tunnel.receive([data(1)]) == []
-    tunnel.receive([data(stream_id) for stream_id in range(2, 66)])  # 64 newer answers push 1 out
+    from localproxy.tunnel.core import RESET_MEMORY
+
+    # RESET_MEMORY newer answers push 1 out
+    tunnel.receive([data(stream_id) for stream_id in range(2, RESET_MEMORY + 2)])
     assert sent(tunnel.receive([data(1)])) == [msg(T.STREAM_RESET, 1, "SSH")]
     assert tunnel.receive([data(65)]) == []
     # A new session: answers sent on the lost websocket may never have arrived.

@@ -1,4 +1,4 @@
-"""The local side: source listeners, destination connectors, per-connection pumps.
+"""The local side: source listeners (``listeners.py``), destination connectors, per-connection pumps.
 
 Every local connection is one :class:`LocalConnection` (an ``asyncio.Protocol``):
 bytes read go straight to its :class:`LocalHub` (the proxy, which frames them
@@ -28,7 +28,8 @@ import logging
 import socket
 from typing import Callable, Protocol, cast
 
-from localproxy.errors import ConfigError
+from localproxy.local.listeners import BACKLOG, Listener, exhaustion_advice, listen
+from localproxy.ops.peerlog import PeerLog
 from localproxy.types import DestinationTarget
 from localproxy.wire.codec import BytesLike
 
@@ -37,6 +38,7 @@ __all__ = [
     "FLUSH_TIMEOUT",
     "WRITE_HIGH",
     "WRITE_LOW",
+    "Listener",
     "LocalConnection",
     "LocalHub",
     "connect_local",
@@ -47,7 +49,6 @@ logger = logging.getLogger("localproxy.adapters")
 
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
-BACKLOG = 1024  # a burst of 1000 connects waits in the kernel, not refused
 FLUSH_TIMEOUT = 30.0
 
 # Reasons for not reading a local socket; reading resumes when none is left.
@@ -57,6 +58,8 @@ PAUSE_CONGESTED = 2  # the websocket's outgoing queue is full
 
 class LocalHub(Protocol):
     """What a :class:`LocalConnection` reports to (implemented by the proxy)."""
+
+    peer_log: PeerLog  # lines a peer or a flood of clients can cause go through it
 
     def local_opened(self, conn: "LocalConnection") -> None: ...
     def local_data(self, conn: "LocalConnection", data: bytes) -> None: ...
@@ -162,7 +165,7 @@ class LocalConnection(asyncio.Protocol):
             if self.write_paused:
                 self.resume_writing()
             return
-        logger.info("Disconnected from: %s", self.peer)
+        self.hub.peer_log.log(logger, logging.INFO, "disconnected", "Disconnected from: %s", self.peer)
         if flush and transport.get_write_buffer_size():
             transport.close()
             self._abort_timer = asyncio.get_running_loop().call_later(FLUSH_TIMEOUT, transport.abort)
@@ -202,7 +205,7 @@ class LocalConnection(asyncio.Protocol):
         if not self.reported:
             self.reported = True
             if self.key:
-                logger.info("Disconnected from: %s", self.peer)
+                self.hub.peer_log.log(logger, logging.INFO, "disconnected", "Disconnected from: %s", self.peer)
             self.hub.local_closed(self)
 
 
@@ -210,8 +213,9 @@ async def connect_local(conn: LocalConnection, target: DestinationTarget, retrie
     """Connect ``conn`` to ``target``, trying ``1 + retries`` times ``delay`` s apart."""
     loop = asyncio.get_running_loop()
     attempts = 1 + max(retries, 0)
+    peer_log = conn.hub.peer_log
     for attempt in range(1, attempts + 1):
-        logger.info("Attempting to establish tcp socket connection to: %s", target)
+        peer_log.log(logger, logging.INFO, "connect", "Attempting to establish tcp socket connection to: %s", target)
         try:
             if target.unix_path is not None:
                 await loop.create_unix_connection(lambda: conn, target.unix_path)
@@ -220,63 +224,20 @@ async def connect_local(conn: LocalConnection, target: DestinationTarget, retrie
             return True
         except OSError as exc:
             level = logging.WARNING if attempt < attempts else logging.ERROR
-            logger.log(
+            peer_log.log(
+                logger,
                 level,
-                "Could not connect to %s (attempt %d of %d): %s",
+                "connect-failed",
+                "Could not connect to %s (attempt %d of %d): %s%s",
                 target,
                 attempt,
                 attempts,
                 exc.strerror or exc,
+                exhaustion_advice(exc),
             )
         if attempt < attempts:
             await asyncio.sleep(delay)
     return False
-
-
-async def listen(
-    service_id: str,
-    bind_address: str,
-    port: int,
-    factory: Callable[[], asyncio.Protocol],
-) -> tuple[list[asyncio.Server], int]:
-    """Listen on every address of ``bind_address`` with one port (0: the first picks it)."""
-    loop = asyncio.get_running_loop()
-    name = service_id or "(default)"
-    try:
-        infos = await loop.getaddrinfo(bind_address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise ConfigError(f"Cannot resolve bind address '{bind_address}': {exc.strerror or exc}") from None
-    servers: list[asyncio.Server] = []
-    seen: set[tuple[int, object]] = set()
-    try:
-        for family, kind, proto, _, address in infos:
-            if (family, address[0]) in seen:
-                continue
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((address[0], port) + tuple(address[2:]))
-            except OSError as exc:
-                sock.close()
-                if servers:  # a second address family is a bonus, not a must
-                    logger.debug("Not listening on %s port %d too: %s", address[0], port, exc.strerror or exc)
-                    continue
-                raise ConfigError(
-                    f"Cannot listen on {bind_address} port {port} for service {name}: {exc.strerror or exc}"
-                ) from None
-            seen.add((family, address[0]))
-            port = sock.getsockname()[1]
-            servers.append(await loop.create_server(factory, sock=sock, backlog=BACKLOG))
-    except BaseException:
-        for server in servers:
-            server.close()
-        raise
-    if not servers:
-        raise ConfigError(f"Cannot listen on {bind_address} for service {name}: no usable address")
-    logger.info("Listening for new connection on port %d", port)
-    return servers, port
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:

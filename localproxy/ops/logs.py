@@ -28,6 +28,8 @@ import threading
 import time
 from typing import TextIO
 
+from localproxy.ops.ratelimit import escape
+
 TRACE = 5
 logging.addLevelName(TRACE, "trace")
 
@@ -57,7 +59,7 @@ _OFF = logging.CRITICAL + 10
 # The tunnel a log record is about: set by each LocalProxy in its own task.
 log_tunnel: contextvars.ContextVar[str | None] = contextvars.ContextVar("localproxy_log_tunnel", default=None)
 # Record attributes (logging's extra=) that JSON lines carry as fields.
-STRUCTURED_FIELDS = ("tunnel", "service", "stream", "connection", "generation", "peer")
+STRUCTURED_FIELDS = ("tunnel", "service", "stream", "connection", "generation", "peer", "suppressed")
 LOG_FORMATS = ("reference", "json")
 
 # Longest first, so that a secret containing another is masked whole. Plain
@@ -165,13 +167,26 @@ class RedactingFilter(logging.Filter):
 
 
 class ReferenceFormatter(logging.Formatter):
-    """``[local ISO time with microseconds]{pid}[level]<pad> message``."""
+    """``[local ISO time with microseconds]{pid}[level]<pad> message``.
+
+    The message is escaped (:func:`~localproxy.ops.ratelimit.escape`): text a peer
+    sent (a service id, a close reason, a header) must not start a line of its own
+    or carry terminal escapes. Tracebacks after it keep their lines, and so does a
+    record logged with ``extra={"multiline": True}`` (our own advice on several
+    lines: every other control character is still escaped, and the peer text
+    such messages quote is cleaned where they are built).
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = local_stamp(record.created)
         level = "[" + _level_name(record.levelno) + "]"
         # The reference prints the bracketed level in a field of 9, then a space.
-        line = f"[{stamp}]{{{os.getpid()}}}{level:<9} {record.getMessage()}"
+        message = record.getMessage()
+        if getattr(record, "multiline", False):  # our own text on several lines (advice)
+            message = "\n".join(escape(part) for part in message.split("\n"))
+        else:
+            message = escape(message)
+        line = f"[{stamp}]{{{os.getpid()}}}{level:<9} {message}"
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -28,14 +28,11 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from localproxy.config.proxy_config import ProxyConfig
-from localproxy.errors import LocalProxyError
+from localproxy.errors import ConnectionFailedError, LocalProxyError
 from localproxy.events import ErrorEvent, Event, Listening, TunnelReady
-from localproxy.local.adapters import (
-    PAUSE_CONGESTED,
-    PAUSE_HELD,
-    LocalConnection,
-    listen,
-)
+from localproxy.local.adapters import PAUSE_CONGESTED, PAUSE_HELD, LocalConnection
+from localproxy.local.listeners import Listener, listen
+from localproxy.ops.peerlog import PeerLog
 from localproxy.tunnel.actions import (
     Close,
     Connect,
@@ -59,6 +56,13 @@ __all__ = ["Engine"]
 
 logger = logging.getLogger("localproxy.proxy")
 
+# Bytes of control frames (resets, mostly) that may wait for the websocket. The
+# proxy's own need is a few frames per connection; past this the service sends
+# frames that each need an answer (DATA for unknown streams, CONNECTION_START over
+# the limit) without taking the answers: the session ends, and reconnects.
+MAX_UNSENT_CONTROL = 64 * 1024  # ~5,000 resets (~0.5 MB as Python objects)
+
+
 class Engine:
     """Local connections, listeners and the current session's sender of one proxy."""
 
@@ -70,6 +74,7 @@ class Engine:
         self.fatal: LocalProxyError | None = None  # stop the proxy
         self.restart: LocalProxyError | None = None  # end this session, reconnect
         self.ready = False  # the tunnel's services were known once
+        self.flooded = False  # this session ends at a bound a flooding peer reached
         self.on_ready: Callable[[], None] = lambda: None
         # Set while the websocket may be read (see tunnel/receive_policy.py); the name is historic.
         self.writers_drained = asyncio.Event()
@@ -79,12 +84,16 @@ class Engine:
         self._gate_timer: asyncio.TimerHandle | None = None
         self._gating = False
         self.sender: Sender | None = None
-        self._servers: dict[str, list[asyncio.Server]] = {}
+        self._servers: dict[str, list[Listener]] = {}
         self._conns: dict[int, LocalConnection] = {}
         self._paused_writers: set[LocalConnection] = set()
         # Per service id, for LocalProxy.stats(): one += where the bytes pass anyway.
         self.bytes_sent: defaultdict[str, int] = defaultdict(int)  # local apps -> tunnel
         self.bytes_received: defaultdict[str, int] = defaultdict(int)  # tunnel -> local apps
+        # Lines a peer can cause, rate-limited (one budget per proxy).
+        self.peer_log = PeerLog()
+        # Bounds a peer reached (ended sessions), by rule: merged into stats' "dropped".
+        self.limits_hit: defaultdict[str, int] = defaultdict(int)
 
     @property
     def paused_writers(self) -> frozenset[LocalConnection]:
@@ -94,6 +103,7 @@ class Engine:
 
     def session_started(self, ws: Any) -> None:
         self.restart = None
+        self.flooded = False
         self.sender = Sender(ws, self._resume_reading)
 
     def session_ended(self) -> None:
@@ -115,6 +125,7 @@ class Engine:
         self._conns.clear()
         self._paused_writers.clear()
         self._reconsider_reading()
+        self.peer_log.close()
 
     # --- actions -------------------------------------------------------------------
 
@@ -146,10 +157,13 @@ class Engine:
                 if conn is not None:
                     (conn.pause_reading if kind is Hold else conn.resume_reading)(PAUSE_HELD)
             elif kind is Send:
-                if self.sender is not None:
-                    self.sender.push_control(action.frame, action.key, action.service_id)
+                sender = self.sender
+                if sender is not None:
+                    sender.push_control(action.frame, action.key, action.service_id)
+                    if sender.scheduler.control_queued > MAX_UNSENT_CONTROL and self.restart is None:
+                        self._control_overflow(sender.scheduler.control_queued)
             elif kind is Log:
-                logger.log(action.level, "%s", action.message)
+                self.peer_log.log(logger, action.level, action.key or action.message, action.message)
             elif kind is Fatal:
                 self.fatal = action.error
             elif kind is RestartSession:
@@ -192,13 +206,29 @@ class Engine:
             return LocalConnection(self, service_id)
 
         try:
-            servers, port = await listen(service_id, self.config.effective_bind_address, action.port, factory)
+            servers, port = await listen(
+                service_id, self.config.effective_bind_address, action.port, factory, self.peer_log
+            )
         except LocalProxyError as error:
             self.fatal = error
             return
         self._servers[service_id] = servers
         self.ports[service_id] = port
         self.emit(Listening(service_id, port))
+
+    def _control_overflow(self, queued: int) -> None:
+        """The service makes this proxy answer faster than it takes the answers: reconnect."""
+        self.limits_hit["reply_overflow"] += 1
+        error = ConnectionFailedError(
+            f"The service sent frames that each need an answer (a reset) but does not take them: "
+            f"{queued:,} bytes of answers wait to be sent (bound {MAX_UNSENT_CONTROL:,})"
+        )
+        logger.warning("%s; ending the session", error)
+        self.restart = error
+        self.flooded = True
+        self.emit(ErrorEvent(error, fatal=False))
+        if self.sender is not None:
+            self.sender.abort()  # a close handshake would wait behind the unsent bytes
 
     def _connect(self, action: Connect) -> None:
         settings = self.config.settings
@@ -231,8 +261,9 @@ class Engine:
     def local_opened(self, conn: LocalConnection) -> None:
         if self.config.mode is Mode.DESTINATION:
             return  # its key came with the Connect action
-        logger.info(
-            "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer
+        self.peer_log.log(
+            logger, logging.INFO, "accepted",
+            "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer,
         )
         key, actions = self.tunnel.local_opened(conn.service_id)
         conn.key = key

@@ -87,7 +87,10 @@ class LocalProxy:
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._replaced = False  # the last session was closed as replaced by another proxy
+        self._flooded = False  # the last session ended at a bound a flooding peer reached
         self._replaced_warned = False
+        # The largest websocket write buffer seen (bytes; bounded: keepalive.MAX_UNSENT).
+        self.unsent_peak = 0
 
     # --- public API ---------------------------------------------------------------
 
@@ -140,7 +143,8 @@ class LocalProxy:
         services = tuple(engine.tunnel.services or self.config.services)
         return self._counters.snapshot(
             self.name, self.config.mode.value, services=services, active=engine.tunnel.connections_by_service(),
-            received=engine.bytes_received, sent=engine.bytes_sent, dropped=engine.tunnel.dropped, ws=self._ws,
+            received=engine.bytes_received, sent=engine.bytes_sent,
+            dropped={**engine.tunnel.dropped, **engine.limits_hit}, ws=self._ws,
         )
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
@@ -180,6 +184,8 @@ class LocalProxy:
             replaced_backoff = Backoff(
                 max(config.settings.retry_delay_ms, REPLACED_MIN_DELAY_MS), DEFAULT_MAX_DELAY_MS
             )
+            # Likewise after sessions ended at a bound a flooding peer reached (issue 22).
+            flood_backoff = Backoff(config.settings.retry_delay_ms, DEFAULT_MAX_DELAY_MS)
             while True:
                 try:
                     ws, info = await open_session(
@@ -202,9 +208,14 @@ class LocalProxy:
                     await self._wait_after_replaced(replaced_backoff)
                     continue
                 replaced_backoff.reset()
-                await self._retry_later(
-                    backoff, ConnectionFailedError(f"The websocket session ended: {reason}")
-                )
+                ended = ConnectionFailedError(f"The websocket session ended: {reason}")
+                if self._flooded:
+                    # A service that floods every session must not get a reconnect (and its
+                    # log lines) every retry_delay_ms: growing delays while it goes on.
+                    await self._retry_later(flood_backoff, ended)
+                    continue
+                flood_backoff.reset()
+                await self._retry_later(backoff, ended)
         except LocalProxyError as error:
             self._fatal = error
             self._emit(ErrorEvent(error, fatal=True))
@@ -281,6 +292,11 @@ class LocalProxy:
         finally:
             receiver.stop()
             self._ws = None
+            self.unsent_peak = max(self.unsent_peak, getattr(ws, "unsent_peak", 0))
+            self._flooded = engine.flooded
+            if getattr(ws, "overflowed", False):
+                engine.limits_hit["pong_overflow"] += 1
+                self._flooded = True
             engine.session_ended()
             try:
                 await asyncio.shield(ws.close())

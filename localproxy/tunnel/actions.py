@@ -125,10 +125,16 @@ class StopListen:
 
 @dataclass(slots=True)
 class Log:
-    """A line for ``logging`` at ``level`` (a ``logging`` level number)."""
+    """A line for ``logging`` at ``level`` (a ``logging`` level number).
+
+    ``key`` names the kind of line (its template) for the log rate limit: a peer can
+    cause lines by the thousand, and ids in the text must not make each one new.
+    Without a key, the text itself is the key.
+    """
 
     level: int
     message: str
+    key: str | None = None
 
 
 @dataclass(slots=True)

@@ -35,8 +35,11 @@ __all__ = ["Connection", "Output", "Stream", "TunnelCore", "VERSIONS"]
 
 VERSIONS = {V1: 1, V2: 2, V3: 3}
 # Destination: stream ids per service already told dead by a STREAM_RESET (sent or
-# answered), so a stream's in-flight DATA draws one answer, not one per frame.
-RESET_MEMORY = 64
+# answered), so a stream's in-flight DATA draws one answer, not one per frame (as the
+# reference: once per stream). Bounded: a peer cycling through more ids than this
+# draws one answer per id per cycle, and those answers are bounded downstream
+# (SendScheduler.control_queued, Engine.MAX_UNSENT_CONTROL).
+RESET_MEMORY = 1024
 _CLIENT_TYPES = {None: 3, "V3": 3, "V2": 2, "V1": 1}
 Output = list[Union[Action, Event]]  # actions and events, in the order to carry out
 
@@ -139,7 +142,8 @@ class TunnelCore:
         # Destination, this session: the stream id of each service's latest STREAM_START
         # and the ids it sent STREAM_RESET for (see TunnelState._answer_dead_stream).
         self._latest_start: dict[str, int] = {}
-        self._reset_sent: dict[str, deque[int]] = {}
+        self._reset_sent: dict[str, dict[int, None]] = {}  # insertion-ordered sets
+        self._ignored_said: frozenset[str] = frozenset()  # announced ids without a listener, logged
         # Frames from the tunnel not acted on, by rule (read by LocalProxy.stats()).
         self.dropped: dict[str, int] = {}
 
@@ -256,10 +260,12 @@ class TunnelCore:
         """Record that ``stream_id`` was reset; False if it already was (bounded memory)."""
         sent = self._reset_sent.get(service_id)
         if sent is None:
-            sent = self._reset_sent[service_id] = deque(maxlen=RESET_MEMORY)
+            sent = self._reset_sent[service_id] = {}
         elif stream_id in sent:
             return False
-        sent.append(stream_id)
+        if len(sent) >= RESET_MEMORY:
+            del sent[next(iter(sent))]  # the oldest
+        sent[stream_id] = None
         return True
 
     def _end_stream(self, stream: Stream, initiator: Initiator, out: Output, *, send: bool = True) -> None:

@@ -94,6 +94,10 @@ class SendScheduler:
         self.flow_low = flow_low
         self.total_high = total_high
         self.queued = 0  # bytes in all queues (frames and payloads)
+        # Bytes of control frames queued: unlike payloads (read from local sockets, paused
+        # past flow_high), a peer can make them (a reset per frame it sends), so the
+        # engine bounds them (Engine.MAX_UNSENT_CONTROL).
+        self.control_queued = 0
         self._round = quantum  # the quantum of the current message size (<= quantum)
         self._flows: dict[int, _Flow] = {}
         self._services: dict[str, _Service] = {}
@@ -122,6 +126,7 @@ class SendScheduler:
         """Queue a control frame: a connection's (``key``), a stream barrier (``service_id``
         only), or one ordered with nothing (neither)."""
         self.queued += len(frame)
+        self.control_queued += len(frame)
         if key:
             assert service_id is not None, "a connection's frame needs its service"
             self._push(key, service_id, frame, len(frame), None)
@@ -169,6 +174,7 @@ class SendScheduler:
             parts.append(frame)
             used += len(frame)
             self.queued -= len(frame)
+            self.control_queued -= len(frame)
         quantum = self._round = max(MIN_CHUNK, min(self.quantum, budget))
         while used < budget:
             if self._ready:
@@ -179,6 +185,7 @@ class SendScheduler:
                 parts.append(frame)
                 used += len(frame)
                 self.queued -= len(frame)
+                self.control_queued -= len(frame)
                 self._barrier_sent(service)
                 continue
             flow = self._new[0] if self._new else self._old[0] if self._old else None
@@ -250,6 +257,7 @@ class SendScheduler:
                 items.popleft()
                 parts.append(payload)
                 sent = size
+                self.control_queued -= size
             else:
                 room = budget - used - framer.overhead
                 if used and room < min(size, MIN_TAIL):

@@ -8,6 +8,7 @@ tunnel serves, keyed by the service id used on the wire, or raises a
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Sequence
 
 from localproxy.errors import ConfigError
@@ -19,11 +20,43 @@ from localproxy.types import (
     SourcePort,
 )
 
-__all__ = ["resolve_services"]
+__all__ = ["MAX_TUNNEL_SERVICES", "SHOWN_IDS", "ignored_note", "ignored_services", "name_list", "resolve_services"]
+
+MAX_TUNNEL_SERVICES = 3  # a tunnel has at most 3 services (service quota, PROTOCOL.md)
+SHOWN_IDS = 5  # ids named in a message; the rest are counted
 
 
-def _names(ids: Sequence[str]) -> str:
-    return ", ".join(ids) if ids else "none"
+def _shown(service: str) -> str:
+    """A service id as a message shows it: quoted (repr) if it is not plain printable text."""
+    return service if service.isprintable() and service.strip() == service and service else repr(service)
+
+
+def name_list(ids: Sequence[str], limit: int = SHOWN_IDS) -> str:
+    """``A, B, C``; past ``limit`` ids ``A, B, C, D, E and 1,995 more`` (a peer can send thousands)."""
+    if not ids:
+        return "none"
+    shown = ", ".join(_shown(service) for service in ids[:limit])
+    return shown if len(ids) <= limit else f"{shown} and {len(ids) - limit:,} more"
+
+
+def ignored_services(served: Mapping[str, ServiceTarget], tunnel_ids: Sequence[str] | None) -> list[str]:
+    """Ids the tunnel announced that :func:`resolve_services` left out (source mode)."""
+    if tunnel_ids is None:
+        return []
+    return [service for service in dict.fromkeys(tunnel_ids) if service not in served]
+
+
+def ignored_note(ignored: Sequence[str], configured: bool) -> tuple[int, str] | None:
+    """The log level and line for announced services without a listener (None: there are none)."""
+    if not ignored:
+        return None
+    if configured:
+        reason, level = "not configured here (-s)", logging.INFO
+    else:
+        reason, level = f"beyond the {MAX_TUNNEL_SERVICES} a tunnel may have", logging.WARNING
+    return level, (
+        f"The tunnel announces {len(ignored):,} service(s) {reason}; no listener for them: {name_list(ignored)}"
+    )
 
 
 def resolve_services(
@@ -35,8 +68,10 @@ def resolve_services(
 
     ``tunnel_ids`` is the SERVICE_IDS list (V2/V3), or ``None`` on a V1 session
     where no service ids exist (the single mapping is then served as "").
-    Source mode picks a free port (``SourcePort(0)``) for a tunnel service with no
-    port; destination mode needs a target for every tunnel service.
+    Source mode listens only for the configured services (the tunnel may announce
+    more: each would be a listening socket the user did not ask for); with no
+    mapping, for the tunnel's services up to :data:`MAX_TUNNEL_SERVICES`, on free
+    ports (``SourcePort(0)``). Destination mode needs a target for every tunnel service.
     """
     _check_target_types(mode, configured)
     if tunnel_ids is None:
@@ -46,30 +81,32 @@ def resolve_services(
         if len(configured) > 1:
             raise ConfigError("An unnamed mapping cannot be mixed with named services: name them all")
         if len(ids) > 1:
-            example = ",".join(f"{s}=..." for s in ids)
+            example = ",".join(f"{_shown(s)}=..." for s in ids[:MAX_TUNNEL_SERVICES])
             flag = "-s" if mode is Mode.SOURCE else "-d"
             raise ConfigError(
-                f"The tunnel has several services ({_names(ids)}): a single unnamed mapping cannot "
+                f"The tunnel has several services ({name_list(ids)}): a single unnamed mapping cannot "
                 f"choose one. Name each service, e.g. {flag} {example}"
             )
         return {ids[0] if ids else V1_SERVICE: configured[V1_SERVICE]}
     unknown = [service for service in configured if service not in ids]
     if unknown:
         raise ConfigError(
-            f"Service id(s) {_names(unknown)} given to the local proxy are not services of the "
-            f"tunnel (the tunnel has: {_names(ids)}). Use the service ids given to OpenTunnel"
+            f"Service id(s) {name_list(unknown)} given to the local proxy are not services of the "
+            f"tunnel (the tunnel has: {name_list(ids)}). Use the service ids given to OpenTunnel"
             + ("" if ids else ", or a single unnamed mapping for a tunnel without services")
         )
     if mode is Mode.DESTINATION:
         missing = [service for service in ids if service not in configured]
         if missing:
             raise ConfigError(
-                f"No destination is configured for the tunnel's service(s) {_names(missing)}: "
-                f"add e.g. -d {missing[0]}=host:port (or a line in --config-dir)"
+                f"No destination is configured for the tunnel's service(s) {name_list(missing)}: "
+                f"add e.g. -d {_shown(missing[0])}=host:port (or a line in --config-dir)"
             )
         if not ids:
             raise ConfigError("No destination is configured: give -d port or -d host:port")
-    resolved: dict[str, ServiceTarget] = {service: configured.get(service, SourcePort(0)) for service in ids}
+    if configured:  # source: the configured services only, in the tunnel's order
+        return {service: configured[service] for service in ids if service in configured}
+    resolved: dict[str, ServiceTarget] = {service: SourcePort(0) for service in ids[:MAX_TUNNEL_SERVICES]}
     if not ids:  # a tunnel without services, source mode with no mapping: one picked port
         resolved[V1_SERVICE] = SourcePort(0)
     return resolved
@@ -79,7 +116,7 @@ def _resolve_v1(mode: Mode, configured: Mapping[str, ServiceTarget]) -> dict[str
     if len(configured) > 1:
         raise ConfigError(
             f"The V1 protocol carries a single service, but {len(configured)} are configured "
-            f"({_names(list(configured))}): configure one, or use subprotocol V2/V3"
+            f"({name_list(list(configured))}): configure one, or use subprotocol V2/V3"
         )
     if not configured:
         if mode is Mode.DESTINATION:

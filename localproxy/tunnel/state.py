@@ -57,7 +57,7 @@ from localproxy.tunnel.actions import (
     control_frame,
 )
 from localproxy.tunnel.core import VERSIONS, Output, Stream, TunnelCore
-from localproxy.tunnel.services import resolve_services
+from localproxy.tunnel.services import ignored_note, ignored_services, resolve_services
 from localproxy.types import DestinationTarget, Mode, SourcePort
 from localproxy.wire.codec import BytesLike, Message, MessageType
 
@@ -102,7 +102,7 @@ class TunnelState(TunnelCore):
         self._drop("protocol_error")
         if self._reconnect_on_data_error:
             return [
-                Log(logging.ERROR, f"Tunnel data error, restarting the session: {error}"),
+                Log(logging.ERROR, f"Tunnel data error, restarting the session: {error}", "data-error"),
                 RestartSession(error),
             ]
         return [Fatal(error)]
@@ -131,7 +131,11 @@ class TunnelState(TunnelCore):
                 elif message.ignorable:
                     self._drop("unknown_type")
                     out.append(
-                        Log(logging.DEBUG, f"Ignoring message of unknown type {int(kind)} (ignorable)")
+                        Log(
+                            logging.DEBUG,
+                            f"Ignoring message of unknown type {int(kind)} (ignorable)",
+                            "unknown-type",
+                        )
                     )
                 else:
                     raise ProtocolError(
@@ -193,7 +197,11 @@ class TunnelState(TunnelCore):
         if service is None:
             self._drop("unknown_service")
             out.append(
-                Log(logging.WARNING, f"Ignoring STREAM_START for unknown service '{message.service_id}'")
+                Log(
+                    logging.WARNING,
+                    f"Ignoring STREAM_START for unknown service '{message.service_id}'",
+                    "start-unknown-service",
+                )
             )
             return
         self._latest_start[service] = message.stream_id
@@ -257,6 +265,7 @@ class TunnelState(TunnelCore):
                 logging.INFO,
                 f"Service '{service or '(default)'}': the peer sent {MessageType(message.type).name} for "
                 f"stream {stream_id}, which is not active here; resetting it so the peer closes its connections",
+                "dead-stream-reset",
             )
         )
 
@@ -265,7 +274,7 @@ class TunnelState(TunnelCore):
     ) -> None:
         service = stream.service_id
         if self.connection_count(service) >= self._max_connections:
-            out.append(Log(logging.WARNING, self._limit_message(service)))
+            out.append(Log(logging.WARNING, self._limit_message(service), "connection-limit"))
             out.append(ConnectionRejected(service, "max_active_connections reached"))
             self._send_reset(stream, connection_id, started_stream, out)
             if started_stream or not stream.uses_connection_ids:
@@ -291,6 +300,7 @@ class TunnelState(TunnelCore):
         except ConfigError as error:
             return [Fatal(error)]
         out: Output = []
+        self._note_ignored(ignored_services(targets, None if ids is None else tuple(ids)), out)
         for service in list(self._streams):
             if service not in targets:
                 self._end_stream(self._streams[service], "session", out)
@@ -310,6 +320,15 @@ class TunnelState(TunnelCore):
         out.append(TunnelReady(tuple(targets)))
         return out
 
+    def _note_ignored(self, ignored: list[str], out: Output) -> None:
+        """Source: announced services served by no listener; said once per change, briefly."""
+        key = frozenset(ignored)
+        if key != self._ignored_said:
+            self._ignored_said = key
+            note = ignored_note(ignored, bool(self._configured))
+            if note is not None:
+                out.append(Log(*note, "ignored-services"))
+
     # --- local side ------------------------------------------------------------
 
     def local_opened(self, service_id: str) -> tuple[int, Output]:
@@ -320,13 +339,13 @@ class TunnelState(TunnelCore):
         if not self.session_active or self._targets is None or service_id not in self._targets:
             del self._connections[key]
             message = f"No tunnel session for service '{service_id}' yet: closing the new connection"
-            out.append(Log(logging.WARNING, message))
+            out.append(Log(logging.WARNING, message, "no-session"))
             out.append(ConnectionRejected(service_id, "no tunnel session"))
             out.append(Close(key, False))
             return key, out
         if self.connection_count(service_id) > self._max_connections:
             del self._connections[key]
-            out.append(Log(logging.WARNING, self._limit_message(service_id)))
+            out.append(Log(logging.WARNING, self._limit_message(service_id), "connection-limit"))
             out.append(ConnectionRejected(service_id, "max_active_connections reached"))
             out.append(Close(key, False))
             return key, out
@@ -349,6 +368,7 @@ class TunnelState(TunnelCore):
                     logging.INFO,
                     f"Service '{service_id}': the peer takes one connection at a time; "
                     "this one waits for the current one to end",
+                    "held-connection",
                 )
             )
         return key, out

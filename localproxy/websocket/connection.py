@@ -114,6 +114,8 @@ class TunnelConnection(KeepaliveConnection):
                     self._deliver(*item)
             else:
                 ClientConnection.data_received(self, item)  # type: ignore[arg-type]
+                if self.check_unsent():  # pongs written for pings: bounded (keepalive.py)
+                    return
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -25,6 +25,16 @@ websocket is dead:
   (``TCP_INFO``, Linux); elsewhere it is left to TCP's own timeout.
 - No ``TCP_USER_TIMEOUT``: Linux also applies it to a zero window, so it would
   kill a healthy tunnel whose peer stopped reading for that long.
+- Backpressure has a bound, :data:`MAX_UNSENT`: the sender keeps its own bytes in
+  websockets' write buffer near its budget (128 KiB at most, ``sender.py``), but
+  websockets answers every ping with a pong written at once. A service that sends
+  pings and reads nothing would grow the buffer without end (measured: 225 MB in
+  10 s) while looking alive. Past the bound the link is treated as dead: aborted
+  with a warning, and the session loop reconnects. Checked where pongs are
+  written (after websockets handled received control frames) and at every
+  keepalive wake, so it fires even if nothing more arrives; and a buffer over
+  half the bound is no excuse for silence (our own data never fills it so far), so
+  a service that made us write that much and went quiet is found dead as usual.
 
 :class:`Liveness` is sans-I/O; :class:`KeepaliveConnection` is the thin websockets
 adapter (plugged in with ``connect``'s ``create_connection`` hook) that feeds it
@@ -40,12 +50,15 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-__all__ = ["DEAD_AFTER_PERIODS", "MAX_UNANSWERED_PINGS", "KeepaliveConnection", "Liveness"]
+__all__ = ["DEAD_AFTER_PERIODS", "MAX_UNANSWERED_PINGS", "MAX_UNSENT", "KeepaliveConnection", "Liveness"]
 
 logger = logging.getLogger("localproxy.keepalive")
 
 DEAD_AFTER_PERIODS = 3
 MAX_UNANSWERED_PINGS = 8  # older ones are forgotten (a pong answers every earlier ping anyway)
+# Bytes in websockets' write buffer past which the service is not taking our bytes
+# while making us write more (pongs): 4x the most the sender itself leaves there.
+MAX_UNSENT = 1024 * 1024
 
 
 class Liveness:
@@ -94,10 +107,31 @@ class KeepaliveConnection(ClientConnection):
         super().__init__(*args, **kwargs)
         self.liveness: Liveness | None = None
         self.dead_reason: str | None = None
+        self.max_unsent = MAX_UNSENT
+        self.unsent_peak = 0  # the largest write buffer seen by check_unsent (stats, tests)
+        self.overflowed = False  # aborted for passing max_unsent
 
     def data_received(self, data: bytes) -> None:
         self.note_received()
         super().data_received(data)
+        self.check_unsent()
+
+    def check_unsent(self) -> bool:
+        """Abort the link if the write buffer is past :data:`MAX_UNSENT`; True if it was."""
+        transport = self.transport
+        size = transport.get_write_buffer_size()
+        if size > self.unsent_peak:
+            self.unsent_peak = size
+        if size <= self.max_unsent or self.dead_reason is not None:
+            return self.dead_reason is not None
+        self.overflowed = True
+        self.dead_reason = (
+            f"the service takes none of our bytes but keeps sending frames that need an answer "
+            f"(pings): {size:,} bytes wait unsent (bound {self.max_unsent:,})"
+        )
+        logger.warning("Websocket: %s; closing it and reconnecting", self.dead_reason)
+        transport.abort()  # a close handshake would wait behind the unsent bytes
+        return True
 
     def note_received(self) -> None:
         liveness = self.liveness
@@ -122,6 +156,8 @@ class KeepaliveConnection(ClientConnection):
         next_ping = loop.time() + liveness.period
         while True:
             now = loop.time()
+            if self.check_unsent():
+                return
             if self._silence_is_ours():
                 liveness.received(now)
             reason = liveness.verdict(now)
@@ -152,7 +188,10 @@ class KeepaliveConnection(ClientConnection):
         if not transport.is_reading():
             return True  # the proxy paused reading: a slow local reader
         # The service does not take our bytes (a slow peer): our ping waits behind them.
-        return bool(transport.get_write_buffer_size()) and not _retransmitting(transport)
+        # Unless the buffer holds more than our own data ever makes it hold: then the
+        # service made us write it (pongs), and its silence is its own.
+        size = transport.get_write_buffer_size()
+        return 0 < size <= self.max_unsent // 2 and not _retransmitting(transport)
 
     def _forget_old_pings(self) -> None:
         """A service that never answers would grow websockets' ping table forever."""

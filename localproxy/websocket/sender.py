@@ -196,3 +196,9 @@ class Sender:
 
     def stop(self) -> None:
         self._task.cancel()
+
+    def abort(self) -> None:
+        """Drop the websocket's TCP connection at once (the peer takes none of our bytes)."""
+        transport = getattr(self._ws, "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.abort()
