@@ -28,7 +28,6 @@ PENDING_PAGES = frozenset(
     {
         "docs/connect.md",
         "docs/local-sources.md",
-        "docs/reliability-hostile-peers.md",
     }
 )
 
