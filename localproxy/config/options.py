@@ -56,7 +56,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "s",
         True,
         "Sets the mappings between source listening ports and service identifier. "
-        "Example: SSH1=5555 or 5555 (0 picks a free port)",
+        "Example: SSH1=5555 or 5555 (0 picks a free port); a value containing '/' is a Unix "
+        "socket path, created with mode 0600 (SSH1=/run/user/1000/ssh.sock)",
     ),
     OptionSpec(
         "destination-app",

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import socket
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import LocalProxyError
@@ -38,6 +38,7 @@ from localproxy.local.adapters import (
     listen,
 )
 from localproxy.local.inprocess import serve_socket
+from localproxy.local.unix import listen_unix
 from localproxy.tunnel.actions import (
     Close,
     Connect,
@@ -59,6 +60,11 @@ from localproxy.websocket.sender import Sender
 
 __all__ = ["Engine"]
 
+
+class _Listener(Protocol):
+    def close(self) -> None: ...
+
+
 logger = logging.getLogger("localproxy.proxy")
 
 class Engine:
@@ -69,6 +75,7 @@ class Engine:
         self.tunnel = tunnel
         self.emit = emit
         self.ports: dict[str, int] = {}
+        self.paths: dict[str, str] = {}  # service id -> Unix socket path (source)
         self.fatal: LocalProxyError | None = None  # stop the proxy
         self.restart: LocalProxyError | None = None  # end this session, reconnect
         self.ready = False  # the tunnel's services were known once
@@ -81,7 +88,7 @@ class Engine:
         self._gate_timer: asyncio.TimerHandle | None = None
         self._gating = False
         self.sender: Sender | None = None
-        self._servers: dict[str, list[asyncio.Server]] = {}
+        self._servers: dict[str, list[_Listener]] = {}
         self._conns: dict[int, LocalConnection] = {}
         self._paused_writers: set[LocalConnection] = set()
         # Per service id, for LocalProxy.stats(): one += where the bytes pass anyway.
@@ -112,6 +119,7 @@ class Engine:
                 server.close()
         self._servers.clear()
         self.ports.clear()
+        self.paths.clear()
         for conn in list(self._conns.values()):
             conn.close(True)
         self._conns.clear()
@@ -182,6 +190,7 @@ class Engine:
                 for server in self._servers.pop(action.service_id, []):
                     server.close()
                 self.ports.pop(action.service_id, None)
+                self.paths.pop(action.service_id, None)
             else:
                 self.apply([action])
             if self.fatal is not None:
@@ -189,6 +198,17 @@ class Engine:
 
     async def _listen(self, action: Listen) -> None:
         service_id = action.service_id
+        path = action.unix_path
+        if path is not None:
+            try:
+                listener = await listen_unix(service_id, path, lambda: LocalConnection(self, service_id, origin="unix"))
+            except LocalProxyError as error:
+                self.fatal = error
+                return
+            self._servers[service_id] = [listener]
+            self.paths[service_id] = path
+            self.emit(Listening(service_id, 0, path))
+            return
 
         def factory() -> LocalConnection:
             return LocalConnection(self, service_id)
@@ -198,7 +218,7 @@ class Engine:
         except LocalProxyError as error:
             self.fatal = error
             return
-        self._servers[service_id] = servers
+        self._servers[service_id] = list(servers)
         self.ports[service_id] = port
         self.emit(Listening(service_id, port))
 
@@ -241,6 +261,8 @@ class Engine:
             logger.info(
                 "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer
             )
+        elif conn.origin == "unix":
+            logger.info("Accepted connection on Unix socket %s", self.paths.get(conn.service_id, "?"))
         else:
             logger.info("Accepted %s", conn.peer)
         key, actions = self.tunnel.local_opened(conn.service_id)

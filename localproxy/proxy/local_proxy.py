@@ -144,6 +144,11 @@ class LocalProxy:
         return dict(self._engine.ports)
 
     @property
+    def socket_paths(self) -> dict[str, str]:
+        """Source mode: service id -> the Unix socket path it listens on (``SourceUnixSocket``)."""
+        return dict(self._engine.paths)
+
+    @property
     def subprotocol(self) -> str | None:
         """The subprotocol of the current (or last) session."""
         return self._subprotocol
