@@ -12,8 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from localproxy.config.proxy_config import ProxyConfig
-from localproxy.errors import LocalProxyError
-from localproxy.events import Connected, Disconnected, ErrorEvent, TunnelReady
+from localproxy.errors import ExitCode, LocalProxyError
+from localproxy.events import Connected, ConnectionRejected, Disconnected, ErrorEvent, TunnelReady
 from localproxy.local.stdio import relay_stdio
 from localproxy.ops.operations import Operations, OpsOptions, proxy_status
 from localproxy.ops.runtime import stop_on_signals
@@ -79,10 +79,19 @@ async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | 
 
     Exit 0 when either side ends (stdin closed, the far end closed, SIGINT/SIGTERM);
     a fatal error of the proxy (refused token, closed tunnel, unknown service...)
-    ends it with that error's exit code.
+    ends it with that error's exit code; a connection cut by a lost websocket
+    session or refused by the proxy, with ``CONNECTION_FAILED``.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    lost: list[str] = []  # why the connection was cut under us, if it was
+
+    def on_event(event: object) -> None:
+        if isinstance(event, Disconnected):
+            lost.append(f"the websocket session ended ({event.reason})")
+        elif isinstance(event, ConnectionRejected):
+            lost.append(f"the proxy refused the connection ({event.reason})")
+
     try:
         with stop_on_signals(stop):
             proxy = LocalProxy(config)
@@ -93,6 +102,7 @@ async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | 
                 try:
                     await asyncio.wait({closed, stopping, ready}, return_when=asyncio.FIRST_COMPLETED)
                     if ready.done() and not ready.cancelled() and ready.exception() is None:
+                        proxy.subscribe(on_event)
                         reader, writer = await proxy.open_connection(service or None)
                         relay = loop.create_task(relay_stdio(reader, writer), name="stdio-relay")
                         await asyncio.wait({closed, stopping, relay}, return_when=asyncio.FIRST_COMPLETED)
@@ -101,7 +111,10 @@ async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | 
                     # A proxy that stopped (its fatal error also ended the connection) says why.
                     if proxy.stopped or (ready.done() and not ready.cancelled() and ready.exception()):
                         await closed  # raises the fatal error, if any
-                    return 0
+                    if lost and not stop.is_set():
+                        logger.error("The connection over standard input/output was cut: %s", lost[0])
+                        return ExitCode.CONNECTION_FAILED
+                    return ExitCode.OK
                 finally:
                     for task in (closed, stopping, ready):
                         task.cancel()

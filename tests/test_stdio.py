@@ -201,6 +201,16 @@ async def connection_to(handler: Handler) -> AsyncIterator[tuple[asyncio.StreamR
 
 
 async def test_relay_over_pipes_restores_blocking_flags() -> None:
+    await _relay_over_pipes()
+
+
+def test_relay_over_pipes_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_relay_over_pipes())
+
+
+async def _relay_over_pipes() -> None:
     in_read, in_write = os.pipe()
     out_read, out_write = os.pipe()
     payload = os.urandom(3 << 20)
@@ -278,3 +288,17 @@ async def test_relay_ends_when_the_far_end_closes_while_stdin_stays_open(tmp_pat
     finally:
         os.close(in_write)  # the reading thread sees EOF and ends
         os.close(in_read)
+
+
+async def test_a_lost_session_cuts_the_connection_with_exit_7(tunneling_service: Any) -> None:
+    async with destination(tunneling_service, echo) as tunnel:
+        process = await start_stdio(tunneling_service, tunnel.source_token, "--stdio", "ECHO")
+        async with reaped(process):
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(b"before\n")
+            assert await asyncio.wait_for(process.stdout.readline(), TIMEOUT) == b"before\n"
+            await tunneling_service.drop(tunnel.tunnel_id, "source")
+            code, _, logs = await finish(process)
+    assert code == ExitCode.CONNECTION_FAILED, logs
+    assert "The connection over standard input/output was cut: the websocket session ended" in logs
+    assert "Traceback" not in logs
