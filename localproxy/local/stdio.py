@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -280,6 +281,7 @@ async def _watch(
         with contextlib.suppress(OSError):  # fd closed meanwhile: nothing to restore
             os.set_blocking(fd, was_blocking)
 
+    _grow_pipe(fd)
     # A duplicate: the transport closes it, not the process's own stdin/stdout.
     pipe = os.fdopen(os.dup(fd), mode, buffering=0)
     try:
@@ -290,6 +292,24 @@ async def _watch(
         restore()
         return None
     return first, second, restore
+
+
+PIPE_SIZE = 1024 * 1024
+
+
+def _grow_pipe(fd: int) -> None:
+    """Linux: a 1 MiB pipe (64 KiB by default) moves bulk data in fewer, larger reads.
+
+    Best effort: not a pipe, over /proc/sys/fs/pipe-max-size, or not Linux: left as is.
+    """
+    if sys.platform != "linux":
+        return
+    import fcntl
+
+    setter = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # the constant is in fcntl from Python 3.10 on
+    with contextlib.suppress(OSError):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, setter, PIPE_SIZE)
 
 
 def _binary(fd: int) -> None:
