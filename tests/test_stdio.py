@@ -302,3 +302,15 @@ async def test_a_lost_session_cuts_the_connection_with_exit_7(tunneling_service:
     assert code == ExitCode.CONNECTION_FAILED, logs
     assert "The connection over standard input/output was cut: the websocket session ended" in logs
     assert "Traceback" not in logs
+
+
+async def test_empty_service_means_the_tunnels_only_service(tunneling_service: Any) -> None:
+    async with destination(tunneling_service, echo) as tunnel:
+        process = await start_stdio(tunneling_service, tunnel.source_token, "--stdio", "")
+        async with reaped(process):
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(b"only one\n")
+            assert await asyncio.wait_for(process.stdout.readline(), TIMEOUT) == b"only one\n"
+            process.stdin.close()
+            code, _, logs = await finish(process)
+    assert code == ExitCode.OK, logs
