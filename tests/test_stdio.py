@@ -314,3 +314,33 @@ async def test_empty_service_means_the_tunnels_only_service(tunneling_service: A
             process.stdin.close()
             code, _, logs = await finish(process)
     assert code == ExitCode.OK, logs
+
+
+async def test_dev_null_on_both_sides(tunneling_service: Any) -> None:
+    """/dev/null cannot be polled (epoll: EPERM): threads take it, on uvloop (the CLI) too."""
+    async with destination(tunneling_service, echo) as tunnel:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
+        env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = tunnel.source_token
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "localproxy", "-e", tunneling_service.data_url, "--stdio", "ECHO",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+        async with reaped(process):
+            code, _, logs = await finish(process)
+    assert code == ExitCode.OK, logs
+    assert "Traceback" not in logs
+
+
+async def test_relay_with_dev_null_stdin_on_the_stdlib_loop() -> None:
+    async def far(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"unread")
+        await writer.drain()
+        assert await reader.read() == b""  # stdin (/dev/null) ended at once
+        writer.close()
+
+    with open(os.devnull, "rb") as stdin, open(os.devnull, "wb") as stdout:
+        async with connection_to(far) as (reader, writer):
+            await asyncio.wait_for(
+                relay_stdio(reader, writer, stdin_fd=stdin.fileno(), stdout_fd=stdout.fileno()), TIMEOUT
+            )

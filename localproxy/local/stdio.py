@@ -8,11 +8,11 @@ what they are and what the event loop can watch:
   (``connect_read_pipe``/``connect_write_pipe``, with flow control both ways);
   their blocking flag, which the loop clears, is put back at the end (it is
   shared with whoever else holds the same open file, e.g. the shell's terminal).
-- Anything the loop cannot watch (a regular file, ``/dev/null`` under epoll, and
-  every descriptor on Windows, whose stdlib loop cannot watch anonymous pipes such
-  as the ones OpenSSH for Windows gives a ProxyCommand) is read and written by
-  a daemon thread each way with blocking calls, one chunk in flight: the same
-  backpressure. A thread blocked reading stdin when the relay ends is left to
+- Anything the poller refuses (a regular file, ``/dev/null`` under epoll: asked
+  up front with a throwaway selector), and every descriptor on Windows (whose
+  stdlib loop cannot watch anonymous pipes such as the ones OpenSSH for Windows
+  gives a ProxyCommand), is read and written by a daemon thread each way with
+  blocking calls, one chunk in flight: the same backpressure. A thread blocked reading stdin when the relay ends is left to
   the process's exit (a blocking read cannot be interrupted portably).
 
 There is no half-close in the tunnel protocol: stdin's end ends the connection
@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import queue
+import selectors
 import stat
 import sys
 import threading
@@ -275,6 +276,8 @@ async def _watch(
     fd: int, connect: Callable[[Any], Awaitable[tuple[Any, Any]]], mode: str
 ) -> tuple[Any, Any, Callable[[], None]] | None:
     """Hand a duplicate of ``fd`` to the loop; None if the loop cannot watch it."""
+    if not _watchable(fd, selectors.EVENT_READ if "r" in mode else selectors.EVENT_WRITE):
+        return None
     was_blocking = os.get_blocking(fd)
 
     def restore() -> None:
@@ -286,12 +289,31 @@ async def _watch(
     pipe = os.fdopen(os.dup(fd), mode, buffering=0)
     try:
         first, second = await connect(pipe)
-    except (ValueError, OSError) as exc:  # a regular file; /dev/null under epoll
+    except (ValueError, OSError) as exc:  # not a pipe, socket or terminal after all
         logger.debug("fd %d cannot be watched by the event loop (%s): using a thread", fd, exc)
         pipe.close()
         restore()
         return None
     return first, second, restore
+
+
+def _watchable(fd: int, event: int) -> bool:
+    """Whether the platform's poller takes ``fd``: asked up front, because the loop
+    registers a pipe only after ``connect_*_pipe`` returned (a refusal then, e.g.
+    epoll's EPERM for /dev/null or a regular file, would leave the relay waiting
+    forever on the stdlib loop, and aborts uvloop)."""
+    try:
+        kind = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    if not (stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind) or stat.S_ISCHR(kind)):
+        return False
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, event)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 PIPE_SIZE = 1024 * 1024
