@@ -18,6 +18,7 @@ import asyncssh
 import pytest
 
 from localproxy import (
+    ConnectionRejected,
     DestinationTarget,
     InProcess,
     Listening,
@@ -333,3 +334,57 @@ async def test_connect_socket_from_another_thread(tunneling_service: Any) -> Non
 
         assert await asyncio.to_thread(blocking_client) == b"from a thread"
     assert not [e for e in events if isinstance(e, Listening)]
+
+
+async def test_a_far_end_that_does_not_read_stops_the_in_process_writer(tunneling_service: Any) -> None:
+    """Backpressure the other way: the caller's drain() blocks; nothing grows without bound."""
+    app_reading = asyncio.Event()
+    received = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await app_reading.wait()  # does not read until told
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1 << 20):
+                received += len(data)
+        writer.close()
+
+    async with app_server(app) as port, proxies(tunneling_service, {"APP": port}, {"APP": InProcess()}) as (source, _):
+        reader, writer = await source.open_connection("APP")
+        chunk = b"u" * 65536
+        written = 0
+        for _ in range(1024):  # at most 64 MiB
+            writer.write(chunk)
+            written += len(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except asyncio.TimeoutError:
+                break
+        else:
+            pytest.fail("64 MiB went into a tunnel whose far end does not read")
+        assert written < 48 * 1024 * 1024
+        app_reading.set()
+        await asyncio.wait_for(writer.drain(), TIMEOUT)  # flows again once the app reads
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), TIMEOUT)
+        assert 0 < received <= written
+
+
+async def test_in_process_connections_count_as_local_connections(tunneling_service: Any) -> None:
+    """The same engine path as a TCP client: counted in stats, bound by max_active_connections."""
+    rejected: list[object] = []
+    settings = Settings(retry_delay_ms=50, tcp_max_active_connections=2)
+    async with app_server(echo) as port, proxies(
+        tunneling_service, {"ECHO": port}, {"ECHO": InProcess()}, settings
+    ) as (source, _):
+        source.subscribe(lambda event: rejected.append(event) if isinstance(event, ConnectionRejected) else None)
+        pairs = [await source.open_connection("ECHO") for _ in range(2)]
+        for reader, writer in pairs:
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), TIMEOUT) == b"x"
+        assert source.stats().active_connections.get("ECHO") == 2
+        reader, writer = await source.open_connection("ECHO")  # one over the limit: closed at once
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        assert len(rejected) == 1
+        for _, w in pairs + [(reader, writer)]:
+            w.close()
