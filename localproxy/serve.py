@@ -9,11 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import ExitCode, LocalProxyError
-from localproxy.events import Connected, ConnectionRejected, Disconnected, ErrorEvent, TunnelReady
+from localproxy.events import (
+    Connected,
+    ConnectionRejected,
+    Disconnected,
+    ErrorEvent,
+    TunnelReady,
+)
 from localproxy.local.stdio import relay_stdio
 from localproxy.ops.operations import Operations, OpsOptions, proxy_status
 from localproxy.ops.runtime import stop_on_signals
@@ -108,6 +115,7 @@ async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | 
                         await asyncio.wait({closed, stopping, relay}, return_when=asyncio.FIRST_COMPLETED)
                         relay.cancel()
                         await asyncio.gather(relay, return_exceptions=True)
+                        _end_stdout()
                     # A proxy that stopped (its fatal error also ended the connection) says why.
                     if proxy.stopped or (ready.done() and not ready.cancelled() and ready.exception()):
                         await closed  # raises the fatal error, if any
@@ -125,3 +133,13 @@ async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | 
 
 async def _ready(proxy: LocalProxy) -> None:
     await proxy.ready
+
+
+def _end_stdout() -> None:
+    """The parent (ssh) sees EOF now, not after the websocket's close handshake at exit."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+        finally:
+            os.close(null)
