@@ -388,3 +388,21 @@ async def test_in_process_connections_count_as_local_connections(tunneling_servi
         assert len(rejected) == 1
         for _, w in pairs + [(reader, writer)]:
             w.close()
+
+
+async def test_attach_socket_serves_a_socket_the_caller_accepted(tunneling_service: Any) -> None:
+    async with app_server(echo) as port, proxies(tunneling_service, {"ECHO": port}, {"ECHO": InProcess()}) as (
+        source,
+        _,
+    ):
+        mine, theirs = socket.socketpair()
+        await source.attach_socket(mine, "ECHO")
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        writer.write(b"handed over")
+        assert await asyncio.wait_for(reader.readexactly(11), TIMEOUT) == b"handed over"
+        writer.close()
+        spare, other = socket.socketpair()
+        with pytest.raises(UnknownServiceError):
+            await source.attach_socket(spare, "WEB")
+        assert spare.fileno() == -1  # closed on error
+        other.close()
