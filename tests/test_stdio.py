@@ -344,3 +344,40 @@ async def test_relay_with_dev_null_stdin_on_the_stdlib_loop() -> None:
             await asyncio.wait_for(
                 relay_stdio(reader, writer, stdin_fd=stdin.fileno(), stdout_fd=stdout.fileno()), TIMEOUT
             )
+
+
+async def _relay_over_one_socket() -> None:
+    """stdin and stdout the same socket (inetd, systemd, socat): messages both ways, then EOF."""
+
+    async def far(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    inner, parent = socket.socketpair()
+    try:
+        async with connection_to(far) as (reader, writer):
+            relay = asyncio.create_task(
+                relay_stdio(reader, writer, stdin_fd=inner.fileno(), stdout_fd=inner.fileno())
+            )
+            parent_reader, parent_writer = await asyncio.open_connection(sock=parent)
+            for n in range(5):
+                parent_writer.write(b"hello%d" % n)
+                assert await asyncio.wait_for(parent_reader.readexactly(6), TIMEOUT) == b"HELLO%d" % n
+            parent_writer.write_eof()
+            await asyncio.wait_for(relay, TIMEOUT)
+            assert await asyncio.wait_for(parent_reader.read(), TIMEOUT) == b""  # EOF, though `inner` is open
+            parent_writer.close()
+    finally:
+        inner.close()
+
+
+async def test_relay_over_one_socket_for_both() -> None:
+    await _relay_over_one_socket()
+
+
+def test_relay_over_one_socket_for_both_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_relay_over_one_socket())

@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import selectors
+import socket
 import stat
 import sys
 import threading
@@ -52,8 +53,12 @@ async def relay_stdio(
     nobody reads any more (EPIPE) ends the relay too. Cancellable.
     """
     loop = asyncio.get_running_loop()
-    source = await _open_input(loop, stdin_fd)
-    sink = await _open_output(loop, stdout_fd)
+    shared = await _open_shared_socket(stdin_fd, stdout_fd)
+    if shared is not None:
+        source, sink = shared
+    else:
+        source = await _open_input(loop, stdin_fd)
+        sink = await _open_output(loop, stdout_fd)
     upstream = loop.create_task(_copy_in(source, writer), name="stdio-in")
     downstream = loop.create_task(_copy_out(reader, sink), name="stdio-out")
     try:
@@ -267,6 +272,72 @@ async def _open_output(loop: asyncio.AbstractEventLoop, fd: int) -> _Output:
             return _PipeOutput(transport, protocol, restore)
     _binary(fd)
     return _ThreadOutput(loop, fd)
+
+
+# --- one socket as both stdin and stdout (inetd, systemd sockets, socat) ----------------------------
+
+
+class _StreamInput(_Input):
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    async def read(self) -> bytes:
+        return await self._reader.read(CHUNK)
+
+    def close(self) -> None:
+        return None  # the output side closes the shared transport
+
+
+class _StreamOutput(_Output):
+    def __init__(self, writer: asyncio.StreamWriter, restore: Callable[[], None]) -> None:
+        self._writer = writer
+        self._restore = restore
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def aclose(self) -> None:
+        # EOF to the parent now: shutdown() reaches the socket itself, not just this duplicate.
+        with contextlib.suppress(OSError, RuntimeError):
+            if not self._writer.is_closing():
+                self._writer.write_eof()
+        self._writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), 5.0)
+        self._restore()
+
+
+async def _open_shared_socket(stdin_fd: int, stdout_fd: int) -> tuple[_Input, _Output] | None:
+    """One socket transport both ways when stdin and stdout are the same socket.
+
+    Two pipe transports on it would not do: the write side watches its descriptor
+    for readability to learn that the reader went away, and incoming data would
+    look like that.
+    """
+    if _WINDOWS:
+        return None
+    try:
+        first, second = os.fstat(stdin_fd), os.fstat(stdout_fd)
+    except OSError:
+        return None
+    if not (stat.S_ISSOCK(first.st_mode) and (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)):
+        return None
+    was_blocking = os.get_blocking(stdin_fd)
+
+    def restore() -> None:
+        with contextlib.suppress(OSError):
+            os.set_blocking(stdin_fd, was_blocking)
+
+    sock = socket.socket(fileno=os.dup(stdin_fd))
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+    except (OSError, ValueError) as exc:
+        logger.debug("stdin/stdout socket cannot be used by the event loop (%s): using threads", exc)
+        sock.close()
+        restore()
+        return None
+    return _StreamInput(reader), _StreamOutput(writer, restore)
 
 
 # --- helpers ------------------------------------------------------------------------------------
