@@ -301,20 +301,26 @@ async def test_cli_unix_socket_source_end_to_end(tunneling_service: Any, short_d
 
 
 @pytest.mark.parametrize("case", ["missing", "world-writable"])
-async def test_cli_bad_directory_is_a_clear_error(tunneling_service: Any, short_dir: Path, case: str) -> None:
+async def test_cli_bad_directory_is_refused_before_connecting(short_dir: Path, case: str) -> None:
+    """Checked with the command line: message on stderr, exit 2, no connection attempted."""
     if case == "missing":
         path, needle = short_dir / "missing" / "ssh.sock", "does not exist"
     else:
         os.chmod(short_dir, 0o777)
         path, needle = short_dir / "ssh.sock", "writable by every user"
-    async with echo_destination(tunneling_service) as tunnel:
-        process = await start_cli(tunneling_service, tunnel.source_token, "-s", f"SSH={path}")
-        try:
-            out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    text = out.decode()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "localproxy", "-t", "token", "-e", "127.0.0.1:9", "-s", f"SSH={path}",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = err.decode()
     assert process.returncode == ExitCode.CONFIG, text
-    assert needle in text and "Traceback" not in text
+    assert out == b""  # not even "Starting proxy": refused before connecting
+    assert f"Cannot listen on Unix socket {path} for service SSH: " in text and needle in text
+    assert "Traceback" not in text

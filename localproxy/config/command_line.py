@@ -25,12 +25,20 @@ from localproxy.config.mappings import (
     validate_service_id,
 )
 from localproxy.config.options import RawOptions, parse_argv, read_config_file
+from localproxy.config.paths import socket_directory_problem
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.config.settings_json import load_settings_json
-from localproxy.errors import UsageError
+from localproxy.errors import ConfigError, UsageError
 from localproxy.ops.logs import LOG_FORMATS, register_secret
 from localproxy.settings import Settings
-from localproxy.types import V1_SERVICE, InProcess, Mode, ServiceEndpoint, ServiceTarget
+from localproxy.types import (
+    V1_SERVICE,
+    InProcess,
+    Mode,
+    ServiceEndpoint,
+    ServiceTarget,
+    SourceUnixSocket,
+)
 
 ENV_ACCESS_TOKEN = "AWSIOT_TUNNEL_ACCESS_TOKEN"
 ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"
@@ -145,6 +153,7 @@ def parse_command_line(
     https_proxy = https_proxy_from_environment(environ, notes)
     stdio_service = _stdio_service(layers)
     mode, services, optional = _mode_and_services(layers, cwd, notes, stdio_service)
+    _check_socket_directories(services)
 
     bind_address = layers.text("local-bind-address")
     if bind_address is not None:
@@ -336,6 +345,16 @@ def https_proxy_from_environment(environ: Mapping[str, str], notes: Notes) -> st
         (logging.INFO, "Found Web proxy information in the environment variables, will use it to connect via the proxy.")
     )
     return value
+
+
+def _check_socket_directories(services: Mapping[str, ServiceTarget]) -> None:
+    """Refuse a Unix socket source in an unsafe or missing directory now, before connecting."""
+    for service_id, target in services.items():
+        if isinstance(target, SourceUnixSocket):
+            problem = socket_directory_problem(target.path)
+            if problem is not None:
+                name = service_id or "(default)"
+                raise ConfigError(f"Cannot listen on Unix socket {target.path} for service {name}: {problem}")
 
 
 def _stdio_service(layers: _Layers) -> str | None:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 from typing import Callable
 
+from localproxy.config.paths import socket_directory_problem
 from localproxy.errors import ConfigError
 
 __all__ = ["UnixListener", "listen_unix"]
@@ -73,7 +74,9 @@ async def listen_unix(service_id: str, path: str, factory: Callable[[], asyncio.
 
     if not hasattr(socket, "AF_UNIX") or sys.platform == "win32":
         raise fail("Unix socket sources are not available on this platform; use a port (-s SERVICE=PORT)")
-    check_directory(os.path.dirname(os.path.abspath(path)), fail)
+    problem = socket_directory_problem(path)
+    if problem is not None:
+        raise fail(problem)
     await _clear_stale(path, fail)
     sock = _bind_private(path, fail)
     try:
@@ -86,31 +89,6 @@ async def listen_unix(service_id: str, path: str, factory: Callable[[], asyncio.
         raise
     logger.info("Listening for new connection on Unix socket %s", path)
     return UnixListener(server, path, (st.st_dev, st.st_ino))
-
-
-def check_directory(directory: str, fail: Callable[[str], ConfigError]) -> None:
-    """The directory of a socket exists and no other user can replace what is in it."""
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        raise fail(f"the directory {directory} does not exist (create it with mode 0700)") from None
-    except OSError as exc:
-        raise fail(f"cannot use the directory {directory}: {exc.strerror or exc}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise fail(f"{directory} is not a directory")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        raise fail(
-            f"the directory {directory} is writable by every user (mode {mode:04o}, no sticky bit): "
-            "another user could replace the socket. Use a private directory (mode 0700), "
-            "e.g. under $XDG_RUNTIME_DIR or your home directory"
-        )
-    uid = os.geteuid()
-    if st.st_uid not in (uid, 0):
-        raise fail(
-            f"the directory {directory} belongs to another user (uid {st.st_uid}), who could replace "
-            "the socket. Use a directory of your own"
-        )
 
 
 async def _clear_stale(path: str, fail: Callable[[str], ConfigError]) -> None:
