@@ -13,7 +13,9 @@ the proxy's "Accepted in-process connection" line on stderr; TCP: connect()), so
 process start-up is not in the figures. Issue 19's goal: stdio >= 80% of TCP.
 
 Figures: MB = 1e6 bytes; sha256 of every transfer is checked. Each bulk figure
-is the median of ``--repeat`` runs. Bounded: every wait has a deadline, every
+is the median of ``--repeat`` runs. "source CPU" is the user+system CPU seconds
+per GiB moved of the source proxy process (the ``--stdio`` one includes its
+stdin/stdout relay), from /proc (Linux): steadier than MB/s on a busy machine. Bounded: every wait has a deadline, every
 child is killed at exit.
 """
 
@@ -40,6 +42,7 @@ from _rig import (  # noqa: E402
     Child,
     ControlPlane,
     RigError,
+    cpu_seconds,
     free_port,
     listening_ports,
     start_apps,
@@ -182,10 +185,16 @@ def main() -> int:
             return StdioProxy(info.data, service, tunnel["sourceAccessToken"], token_file, log_dir / "stdio.log",
                               args.timeout)  # fmt: skip
 
+        stdio_cpu: dict[str, list[float]] = {"SINK": [], "SOURCE": []}
+
         def run_stdio(service: str, measure: Callable[[StdioProxy], T]) -> T:
             proxy = stdio(service)
             try:
-                return measure(proxy)
+                before = cpu_seconds(proxy.process.pid)
+                result = measure(proxy)
+                if service in stdio_cpu:
+                    stdio_cpu[service].append(cpu_seconds(proxy.process.pid) - before)
+                return result
             finally:
                 code = proxy.close()
                 if code != 0:
@@ -195,8 +204,10 @@ def main() -> int:
         up = [run_stdio("SINK", lambda p: stdio_upload(p, size)) for _ in range(args.repeat)]
         down = [run_stdio("SOURCE", lambda p: stdio_download(p, size)) for _ in range(args.repeat)]
         echo = run_stdio("ECHO", lambda p: stdio_echo(p, args.round_trips))
+        gib = size * args.repeat / 1024**3
         results["stdio"] = {"up": statistics.median(up), "down": statistics.median(down),
-                            "echo_p50": statistics.median(echo)}
+                            "echo_p50": statistics.median(echo),
+                            "cpu_up": sum(stdio_cpu["SINK"]) / gib, "cpu_down": sum(stdio_cpu["SOURCE"]) / gib}
 
         ports = {service: free_port() for service in SERVICES}
         source_map = ",".join(f"{s}={p}" for s, p in ports.items())
@@ -205,8 +216,12 @@ def main() -> int:
                                              "-s", source_map], log_dir,
                               env={**env, "AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel["sourceAccessToken"]}))
         wait_until(lambda: set(ports.values()) <= listening_ports(), args.timeout, "the TCP source to listen")
+        tcp_pid = children[-1].pid
+        before = cpu_seconds(tcp_pid)
         transfers_up = [_clients.upload(ports["SINK"], size, args.timeout) for _ in range(args.repeat)]
+        middle = cpu_seconds(tcp_pid)
         transfers_down = [_clients.download(ports["SOURCE"], size, args.timeout) for _ in range(args.repeat)]
+        after = cpu_seconds(tcp_pid)
         for transfer in transfers_up + transfers_down:
             if not transfer.intact:
                 raise RigError(f"TCP transfer failed: {transfer.error}")
@@ -214,6 +229,7 @@ def main() -> int:
             "up": statistics.median(t.mb_per_s for t in transfers_up),
             "down": statistics.median(t.mb_per_s for t in transfers_down),
             "echo_p50": statistics.median(_clients.echo_latency(ports["ECHO"], args.round_trips, args.timeout)),
+            "cpu_up": (middle - before) / gib, "cpu_down": (after - middle) / gib,
         }
     except RigError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
@@ -224,10 +240,12 @@ def main() -> int:
 
     print(f"--stdio vs TCP source port: {args.size} MiB transfers (median of {args.repeat}), "
           f"{args.round_trips} echo round trips; logs in {log_dir}")  # fmt: skip
-    print(f"{'':22}{'TCP source':>12}{'--stdio':>12}{'stdio/TCP':>12}")
-    for key, label, unit in (("up", "bulk up", "MB/s"), ("down", "bulk down", "MB/s"), ("echo_p50", "echo p50", "us")):
+    print(f"{'':24}{'TCP source':>12}{'--stdio':>12}{'stdio/TCP':>12}")
+    rows = (("up", "bulk up", "MB/s"), ("down", "bulk down", "MB/s"), ("echo_p50", "echo p50", "us"),
+            ("cpu_up", "source CPU up", "s/GiB"), ("cpu_down", "source CPU down", "s/GiB"))
+    for key, label, unit in rows:
         tcp, std = results["tcp"][key], results["stdio"][key]
-        print(f"{label + ' (' + unit + ')':22}{tcp:12.1f}{std:12.1f}{std / tcp:12.2f}")
+        print(f"{label + ' (' + unit + ')':24}{tcp:12.2f}{std:12.2f}{std / tcp if tcp else 0:12.2f}")
     return 0
 
 
