@@ -80,7 +80,7 @@ class StdioProxy:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self._log.write(line)
-            if b"Accepted in-process connection" in line:
+            if b"Accepted stdio connection" in line or b"Accepted in-process connection" in line:
                 self._opened.set()
 
     def write_all(self, data: bytes | memoryview) -> None:

@@ -21,7 +21,6 @@ from localproxy.events import (
     ErrorEvent,
     TunnelReady,
 )
-from localproxy.local.stdio import relay_stdio
 from localproxy.ops.operations import Operations, OpsOptions, proxy_status
 from localproxy.ops.runtime import stop_on_signals
 from localproxy.proxy.local_proxy import LocalProxy
@@ -110,8 +109,7 @@ async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | 
                     await asyncio.wait({closed, stopping, ready}, return_when=asyncio.FIRST_COMPLETED)
                     if ready.done() and not ready.cancelled() and ready.exception() is None:
                         proxy.subscribe(on_event)
-                        reader, writer = await proxy.open_connection(service or None)
-                        relay = loop.create_task(relay_stdio(reader, writer), name="stdio-relay")
+                        relay = loop.create_task(proxy.serve_stdio(service or None), name="stdio")
                         await asyncio.wait({closed, stopping, relay}, return_when=asyncio.FIRST_COMPLETED)
                         relay.cancel()
                         await asyncio.gather(relay, return_exceptions=True)

@@ -94,7 +94,7 @@ async def test_data_both_ways_then_stdin_eof_exits_0(tunneling_service: Any) -> 
             process.stdin.close()  # the end of input ends the connection, then the process
             code, rest, logs = await finish(process)
     assert code == ExitCode.OK and rest == b""
-    assert "Accepted in-process connection to ECHO" in logs  # logs on stderr, never in the data
+    assert "Accepted stdio connection to ECHO" in logs  # logs on stderr, never in the data
     assert "Traceback" not in logs
 
 
@@ -381,3 +381,38 @@ def test_relay_over_one_socket_for_both_on_uvloop() -> None:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_relay_over_one_socket())
+
+
+async def test_stdout_nobody_reads_stops_the_far_end(tunneling_service: Any) -> None:
+    """Backpressure through --stdio: an unread stdout stops the app's writes; then all arrives."""
+    written = 0
+    blocked = asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        chunk = b"d" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1024):  # at most 64 MiB
+                writer.write(chunk)
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except asyncio.TimeoutError:
+                    blocked.set()
+                    await writer.drain()
+                written += len(chunk)
+                if blocked.is_set() and written >= 8 * 1024 * 1024:
+                    break
+        writer.close()
+
+    async with destination(tunneling_service, app) as tunnel:
+        process = await start_stdio(tunneling_service, tunnel.source_token, "--stdio", "ECHO")
+        async with reaped(process):
+            assert process.stdout is not None
+            await asyncio.wait_for(blocked.wait(), TIMEOUT)
+            assert written < 48 * 1024 * 1024  # stopped long before 64 MiB
+            total = 0
+            while data := await asyncio.wait_for(process.stdout.read(1 << 20), TIMEOUT):
+                total += len(data)
+            code = await asyncio.wait_for(process.wait(), TIMEOUT)
+    assert code == ExitCode.OK
+    assert total == written >= 8 * 1024 * 1024

@@ -1,5 +1,9 @@
 """Relay one connection over standard input/output (``--stdio``, ``localproxy connect``).
 
+(``--stdio`` first tries :mod:`localproxy.local.stdio_direct`, where stdin/stdout
+are the connection's own transport; this relay is its fallback, and the tool for
+a connection that is not in this process's proxy.)
+
 :func:`relay_stdio` copies stdin to a stream writer and a stream reader to stdout
 until either side ends. How it reads and writes the two descriptors depends on
 what they are and what the event loop can watch:

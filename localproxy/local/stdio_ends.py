@@ -17,7 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["CHUNK", "Input", "Output", "open_input", "open_output", "open_shared_socket"]
+__all__ = ["CHUNK", "Input", "Output", "open_input", "open_output", "open_shared_socket", "watch_fd"]
 
 logger = logging.getLogger("localproxy.stdio")
 
@@ -95,7 +95,7 @@ class _ThreadInput(Input):
 
 async def open_input(loop: asyncio.AbstractEventLoop, fd: int) -> Input:
     if not _WINDOWS:
-        opened = await _watch(fd, lambda pipe: _read_pipe(loop, pipe), "rb")
+        opened = await watch_fd(fd, lambda pipe: _read_pipe(loop, pipe), "rb")
         if opened is not None:
             reader, transport, restore = opened
             return _PipeInput(reader, transport, restore)
@@ -197,7 +197,7 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 async def open_output(loop: asyncio.AbstractEventLoop, fd: int) -> Output:
     if not _WINDOWS:
-        opened = await _watch(fd, lambda pipe: loop.connect_write_pipe(_FlowControl, pipe), "wb")
+        opened = await watch_fd(fd, lambda pipe: loop.connect_write_pipe(_FlowControl, pipe), "wb")
         if opened is not None:
             transport, protocol, restore = opened
             return _PipeOutput(transport, protocol, restore)
@@ -274,7 +274,7 @@ async def open_shared_socket(stdin_fd: int, stdout_fd: int) -> tuple[Input, Outp
 # --- helpers ------------------------------------------------------------------------------------
 
 
-async def _watch(
+async def watch_fd(
     fd: int, connect: Callable[[Any], Awaitable[tuple[Any, Any]]], mode: str
 ) -> tuple[Any, Any, Callable[[], None]] | None:
     """Hand a duplicate of ``fd`` to the loop; None if the loop cannot watch it."""

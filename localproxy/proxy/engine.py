@@ -38,6 +38,7 @@ from localproxy.local.adapters import (
     listen,
 )
 from localproxy.local.inprocess import serve_socket
+from localproxy.local.stdio_direct import StdioTransport, serve_stdio
 from localproxy.local.unix import listen_unix
 from localproxy.tunnel.actions import (
     Close,
@@ -225,6 +226,14 @@ class Engine:
     async def attach(self, service_id: str, sock: socket.socket) -> None:
         """Serve ``sock`` as a new local connection of ``service_id`` (in-process source)."""
         await serve_socket(sock, lambda: LocalConnection(self, service_id, origin="in-process"))
+
+    async def attach_stdio(
+        self, service_id: str, stdin_fd: int, stdout_fd: int
+    ) -> tuple[StdioTransport, Callable[[], None]] | None:
+        """Serve stdin/stdout as a new local connection of ``service_id``, or None if the loop cannot."""
+        return await serve_stdio(
+            lambda: LocalConnection(self, service_id, origin="stdio"), stdin_fd=stdin_fd, stdout_fd=stdout_fd
+        )
 
     def _connect(self, action: Connect) -> None:
         settings = self.config.settings

@@ -21,6 +21,7 @@ from localproxy.errors import (
     UsageError,
 )
 from localproxy.local.inprocess import socket_pair
+from localproxy.local.stdio import relay_stdio
 from localproxy.proxy.engine import Engine
 from localproxy.types import Mode
 
@@ -108,6 +109,29 @@ class InProcessConnections:
         except BaseException:
             sock.close()
             raise
+
+    async def serve_stdio(self, service: str | None = None, *, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+        """One connection to ``service`` over ``stdin_fd``/``stdout_fd``; returns when it ends.
+
+        Where the loop can watch both descriptors, they are the connection's own
+        transport (no relay); elsewhere (Windows, files, one socket for both)
+        :func:`~localproxy.local.stdio.relay_stdio` copies between them and an
+        :meth:`open_connection`. Same checks and errors as :meth:`open_connection`.
+        """
+        service_id = self._check_open(service)
+        served = await self._engine.attach_stdio(service_id, stdin_fd, stdout_fd)
+        if served is None:
+            reader, writer = await self.open_connection(service)
+            await relay_stdio(reader, writer, stdin_fd=stdin_fd, stdout_fd=stdout_fd)
+            return
+        transport, restore = served
+        try:
+            await asyncio.shield(transport.closed)
+        finally:
+            if not transport.closed.done():
+                transport.abort()  # cancelled: the connection ends with us
+                await asyncio.wait([transport.closed], timeout=5.0)
+            restore()
 
     async def _open_socket(self, service: str | None) -> socket.socket:
         service_id = self._check_open(service)
