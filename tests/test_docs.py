@@ -27,7 +27,6 @@ PUBLIC_MODULES = frozenset({"localproxy", "localproxy.testing", "localproxy.emul
 PENDING_PAGES = frozenset(
     {
         "docs/connect.md",
-        "docs/local-sources.md",
     }
 )
 

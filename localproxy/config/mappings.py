@@ -23,6 +23,7 @@ from localproxy.types import (
     Mode,
     ServiceTarget,
     SourcePort,
+    SourceUnixSocket,
 )
 
 # (logging level, message) pairs, logged by the CLI once logging is set up.
@@ -93,8 +94,12 @@ def validate_path(path: str, what: str = "Path") -> None:
         raise UsageError(f"{what} contains invalid null byte")
 
 
-def parse_source_target(text: str) -> SourcePort:
-    """A source listen port; 0 (beyond the reference) picks a free port."""
+def parse_source_target(text: str) -> SourcePort | SourceUnixSocket:
+    """A source listen port (0, beyond the reference, picks a free port), or a Unix
+    socket path: any value with ``/``, as ``-d`` takes (beyond the reference)."""
+    if "/" in text:
+        validate_path(text, "Unix socket path")
+        return SourceUnixSocket(text)
     return SourcePort(parse_port(text, allow_zero=True))
 
 

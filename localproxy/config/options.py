@@ -58,7 +58,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "s",
         True,
         "Sets the mappings between source listening ports and service identifier. "
-        "Example: SSH1=5555 or 5555 (0 picks a free port)",
+        "Example: SSH1=5555 or 5555 (0 picks a free port); a value containing '/' is a Unix "
+        "socket path, created with mode 0600 (SSH1=/run/user/1000/ssh.sock)",
     ),
     OptionSpec(
         "destination-app",
@@ -152,6 +153,16 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "Serve Prometheus metrics on http://BIND:PORT/metrics (needs localproxy[metrics]; 0 picks a port)",
     ),
     OptionSpec("metrics-bind", None, True, "Address the metrics server listens on", default_text="127.0.0.1"),
+    # Beyond the reference: a source without a TCP port (issue 19).
+    OptionSpec(
+        "stdio",
+        None,
+        True,
+        "Source mode: carry one connection to service SERVICE over standard input/output "
+        "(e.g. an ssh ProxyCommand), no listening port; logs go to standard error; exits when "
+        "either side ends. Example: --stdio SSH",
+        in_config_file=False,
+    ),
     OptionSpec("log-format", None, True, "Log lines: reference or json (one JSON object per line)",
                default_text="reference"),
 )

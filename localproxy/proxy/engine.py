@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import ConnectionFailedError, LocalProxyError
 from localproxy.events import ErrorEvent, Event, Listening, TunnelReady
 from localproxy.local.adapters import PAUSE_CONGESTED, PAUSE_HELD, LocalConnection
-from localproxy.local.listeners import Listener, listen
+from localproxy.local.inprocess import serve_socket
+from localproxy.local.listeners import listen
+from localproxy.local.stdio_direct import StdioTransport, serve_stdio
+from localproxy.local.unix import listen_unix
 from localproxy.ops.peerlog import PeerLog
 from localproxy.tunnel.actions import (
     Close,
@@ -54,6 +58,11 @@ from localproxy.websocket.sender import Sender
 
 __all__ = ["Engine"]
 
+
+class _Listener(Protocol):
+    def close(self) -> None: ...
+
+
 logger = logging.getLogger("localproxy.proxy")
 
 # Bytes of control frames (resets, mostly) that may wait for the websocket. The
@@ -71,6 +80,7 @@ class Engine:
         self.tunnel = tunnel
         self.emit = emit
         self.ports: dict[str, int] = {}
+        self.paths: dict[str, str] = {}  # service id -> Unix socket path (source)
         self.fatal: LocalProxyError | None = None  # stop the proxy
         self.restart: LocalProxyError | None = None  # end this session, reconnect
         self.ready = False  # the tunnel's services were known once
@@ -84,7 +94,7 @@ class Engine:
         self._gate_timer: asyncio.TimerHandle | None = None
         self._gating = False
         self.sender: Sender | None = None
-        self._servers: dict[str, list[Listener]] = {}
+        self._servers: dict[str, list[_Listener]] = {}
         self._conns: dict[int, LocalConnection] = {}
         self._paused_writers: set[LocalConnection] = set()
         # Per service id, for LocalProxy.stats(): one += where the bytes pass anyway.
@@ -120,6 +130,7 @@ class Engine:
                 server.close()
         self._servers.clear()
         self.ports.clear()
+        self.paths.clear()
         for conn in list(self._conns.values()):
             conn.close(True)
         self._conns.clear()
@@ -194,6 +205,7 @@ class Engine:
                 for server in self._servers.pop(action.service_id, []):
                     server.close()
                 self.ports.pop(action.service_id, None)
+                self.paths.pop(action.service_id, None)
             else:
                 self.apply([action])
             if self.fatal is not None:
@@ -201,6 +213,17 @@ class Engine:
 
     async def _listen(self, action: Listen) -> None:
         service_id = action.service_id
+        path = action.unix_path
+        if path is not None:
+            try:
+                listener = await listen_unix(service_id, path, lambda: LocalConnection(self, service_id, origin="unix"))
+            except LocalProxyError as error:
+                self.fatal = error
+                return
+            self._servers[service_id] = [listener]
+            self.paths[service_id] = path
+            self.emit(Listening(service_id, 0, path))
+            return
 
         def factory() -> LocalConnection:
             return LocalConnection(self, service_id)
@@ -212,7 +235,7 @@ class Engine:
         except LocalProxyError as error:
             self.fatal = error
             return
-        self._servers[service_id] = servers
+        self._servers[service_id] = list(servers)
         self.ports[service_id] = port
         self.emit(Listening(service_id, port))
 
@@ -229,6 +252,18 @@ class Engine:
         self.emit(ErrorEvent(error, fatal=False))
         if self.sender is not None:
             self.sender.abort()  # a close handshake would wait behind the unsent bytes
+
+    async def attach(self, service_id: str, sock: socket.socket) -> None:
+        """Serve ``sock`` as a new local connection of ``service_id`` (in-process source)."""
+        await serve_socket(sock, lambda: LocalConnection(self, service_id, origin="in-process"))
+
+    async def attach_stdio(
+        self, service_id: str, stdin_fd: int, stdout_fd: int
+    ) -> tuple[StdioTransport, Callable[[], None]] | None:
+        """Serve stdin/stdout as a new local connection of ``service_id``, or None if the loop cannot."""
+        return await serve_stdio(
+            lambda: LocalConnection(self, service_id, origin="stdio"), stdin_fd=stdin_fd, stdout_fd=stdout_fd
+        )
 
     def _connect(self, action: Connect) -> None:
         settings = self.config.settings
@@ -261,10 +296,18 @@ class Engine:
     def local_opened(self, conn: LocalConnection) -> None:
         if self.config.mode is Mode.DESTINATION:
             return  # its key came with the Connect action
-        self.peer_log.log(
-            logger, logging.INFO, "accepted",
-            "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer,
-        )
+        if conn.origin == "tcp":
+            self.peer_log.log(
+                logger, logging.INFO, "accepted",
+                "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer,
+            )
+        elif conn.origin == "unix":
+            self.peer_log.log(
+                logger, logging.INFO, "accepted-unix",
+                "Accepted connection on Unix socket %s", self.paths.get(conn.service_id, "?"),
+            )
+        else:
+            logger.info("Accepted %s", conn.peer)
         key, actions = self.tunnel.local_opened(conn.service_id)
         conn.key = key
         self._conns[key] = conn

@@ -40,6 +40,7 @@ from localproxy.events import Connected, Disconnected, ErrorEvent, Event
 from localproxy.ops.logs import log_tunnel
 from localproxy.ops.stats import ProxyCounters, ProxyStats
 from localproxy.proxy.engine import Engine
+from localproxy.proxy.inprocess import InProcessConnections
 from localproxy.proxy.receiver import Receiver
 from localproxy.tokens.source import TokenSource
 from localproxy.tunnel.state import TunnelState
@@ -65,12 +66,13 @@ _REPLACED_REASON = re.compile("replac", re.IGNORECASE)
 REPLACED_MIN_DELAY_MS = 1000
 
 
-class LocalProxy:
+class LocalProxy(InProcessConnections):
     """One local proxy (source or destination) as an async context manager::
 
     async with LocalProxy(config) as proxy:
         await proxy.ready           # services known (and listened on, in source mode)
         proxy.ports                 # {service id: local port} (source mode)
+        reader, writer = await proxy.open_connection("SSH")  # source mode, no listener needed
         await proxy.wait_closed()   # raises the fatal LocalProxyError, if any
     """
 
@@ -86,6 +88,7 @@ class LocalProxy:
         self._fatal: LocalProxyError | None = None
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._replaced = False  # the last session was closed as replaced by another proxy
         self._flooded = False  # the last session ended at a bound a flooding peer reached
         self._replaced_warned = False
@@ -106,6 +109,7 @@ class LocalProxy:
         if self._task is not None:
             return
         loop = asyncio.get_running_loop()
+        self._loop = loop
         ready: asyncio.Future[None] = loop.create_future()
         ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         self._ready = ready
@@ -128,9 +132,19 @@ class LocalProxy:
         return self._ready
 
     @property
+    def stopped(self) -> bool:
+        """True once the proxy stopped (closed, or a fatal error: ``wait_closed()`` raises it)."""
+        return self._task is not None and self._task.done()
+
+    @property
     def ports(self) -> dict[str, int]:
         """Source mode: service id (as in the tunnel; "" without services) -> bound port."""
         return dict(self._engine.ports)
+
+    @property
+    def socket_paths(self) -> dict[str, str]:
+        """Source mode: service id -> the Unix socket path it listens on (``SourceUnixSocket``)."""
+        return dict(self._engine.paths)
 
     @property
     def subprotocol(self) -> str | None:

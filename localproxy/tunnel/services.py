@@ -15,9 +15,11 @@ from localproxy.errors import ConfigError
 from localproxy.types import (
     V1_SERVICE,
     DestinationTarget,
+    InProcess,
     Mode,
     ServiceTarget,
     SourcePort,
+    SourceUnixSocket,
 )
 
 __all__ = ["MAX_TUNNEL_SERVICES", "SHOWN_IDS", "ignored_note", "ignored_services", "name_list", "resolve_services"]
@@ -63,6 +65,8 @@ def resolve_services(
     mode: Mode,
     configured: Mapping[str, ServiceTarget],
     tunnel_ids: Sequence[str] | None,
+    *,
+    unmapped: ServiceTarget = SourcePort(0),
 ) -> dict[str, ServiceTarget]:
     """Return ``{wire service id: target}`` for the services this proxy serves.
 
@@ -70,12 +74,16 @@ def resolve_services(
     where no service ids exist (the single mapping is then served as "").
     Source mode listens only for the configured services (the tunnel may announce
     more: each would be a listening socket the user did not ask for); with no
-    mapping, for the tunnel's services up to :data:`MAX_TUNNEL_SERVICES`, on free
-    ports (``SourcePort(0)``). Destination mode needs a target for every tunnel service.
+    mapping, for the tunnel's services up to :data:`MAX_TUNNEL_SERVICES`, on
+    ``unmapped`` (a picked free port, ``SourcePort(0)``, or ``InProcess()`` for a
+    proxy that must open no port, e.g. ``--stdio``). An ``InProcess()`` ``unmapped``
+    also serves the tunnel's other services (up to that many) beside the configured
+    ones: they open no socket, and ``open_connection`` can reach them.
+    Destination mode needs a target for every tunnel service.
     """
     _check_target_types(mode, configured)
     if tunnel_ids is None:
-        return _resolve_v1(mode, configured)
+        return _resolve_v1(mode, configured, unmapped)
     ids = list(dict.fromkeys(tunnel_ids))  # de-duplicated, service order kept
     if V1_SERVICE in configured:
         if len(configured) > 1:
@@ -104,15 +112,23 @@ def resolve_services(
             )
         if not ids:
             raise ConfigError("No destination is configured: give -d port or -d host:port")
-    if configured:  # source: the configured services only, in the tunnel's order
-        return {service: configured[service] for service in ids if service in configured}
-    resolved: dict[str, ServiceTarget] = {service: SourcePort(0) for service in ids[:MAX_TUNNEL_SERVICES]}
+    limited = ids[:MAX_TUNNEL_SERVICES]
+    if configured:  # source: the configured services, in the tunnel's order
+        in_process = isinstance(unmapped, InProcess)  # no socket: the others may be served too
+        return {
+            service: configured.get(service, unmapped)
+            for service in ids
+            if service in configured or (in_process and service in limited)
+        }
+    resolved: dict[str, ServiceTarget] = {service: unmapped for service in limited}
     if not ids:  # a tunnel without services, source mode with no mapping: one picked port
-        resolved[V1_SERVICE] = SourcePort(0)
+        resolved[V1_SERVICE] = unmapped
     return resolved
 
 
-def _resolve_v1(mode: Mode, configured: Mapping[str, ServiceTarget]) -> dict[str, ServiceTarget]:
+def _resolve_v1(
+    mode: Mode, configured: Mapping[str, ServiceTarget], unmapped: ServiceTarget
+) -> dict[str, ServiceTarget]:
     if len(configured) > 1:
         raise ConfigError(
             f"The V1 protocol carries a single service, but {len(configured)} are configured "
@@ -121,15 +137,16 @@ def _resolve_v1(mode: Mode, configured: Mapping[str, ServiceTarget]) -> dict[str
     if not configured:
         if mode is Mode.DESTINATION:
             raise ConfigError("No destination is configured: give -d port or -d host:port")
-        return {V1_SERVICE: SourcePort(0)}
+        return {V1_SERVICE: unmapped}
     return {V1_SERVICE: next(iter(configured.values()))}
 
 
 def _check_target_types(mode: Mode, configured: Mapping[str, ServiceTarget]) -> None:
-    expected = SourcePort if mode is Mode.SOURCE else DestinationTarget
+    expected: tuple[type, ...] = (
+        (SourcePort, SourceUnixSocket, InProcess) if mode is Mode.SOURCE else (DestinationTarget,)
+    )
     for service, target in configured.items():
         if not isinstance(target, expected):
             shown = service or "(unnamed)"
-            raise ConfigError(
-                f"Service {shown}: a {mode.value} proxy needs a {expected.__name__}, got {target!r}"
-            )
+            names = " or ".join(kind.__name__ for kind in expected)
+            raise ConfigError(f"Service {shown}: a {mode.value} proxy needs a {names}, got {target!r}")
