@@ -35,12 +35,13 @@ from typing import Callable
 
 from localproxy.config.paths import socket_directory_problem
 from localproxy.errors import ConfigError
+from localproxy.local.listeners import Listener
+from localproxy.ops.peerlog import PeerLog
 
 __all__ = ["UnixListener", "listen_unix"]
 
 logger = logging.getLogger("localproxy.adapters")
 
-BACKLOG = 1024
 PROBE_TIMEOUT = 2.0  # a live listener answers a Unix connect at once; a full backlog counts as live
 # sun_path holds 108 bytes on Linux, 104 on macOS and the BSDs (with the final NUL).
 MAX_PATH_BYTES = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
@@ -49,13 +50,13 @@ MAX_PATH_BYTES = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 1
 class UnixListener:
     """A listening Unix socket; ``close()`` stops it and removes its file if still ours."""
 
-    def __init__(self, server: asyncio.Server, path: str, identity: tuple[int, int]) -> None:
-        self.server = server
+    def __init__(self, listener: Listener, path: str, identity: tuple[int, int]) -> None:
+        self.listener = listener  # the accept loop that reports running out of descriptors
         self.path = path
         self._identity = identity
 
     def close(self) -> None:
-        self.server.close()
+        self.listener.close()
         try:
             st = os.lstat(self.path)
         except OSError:
@@ -65,7 +66,9 @@ class UnixListener:
                 os.unlink(self.path)
 
 
-async def listen_unix(service_id: str, path: str, factory: Callable[[], asyncio.Protocol]) -> UnixListener:
+async def listen_unix(
+    service_id: str, path: str, factory: Callable[[], asyncio.Protocol], peer_log: PeerLog | None = None
+) -> UnixListener:
     """Listen on the Unix socket ``path`` for ``service_id``; problems raise ConfigError."""
     name = service_id or "(default)"
 
@@ -81,14 +84,14 @@ async def listen_unix(service_id: str, path: str, factory: Callable[[], asyncio.
     sock = _bind_private(path, fail)
     try:
         st = os.lstat(path)
-        server = await asyncio.get_running_loop().create_unix_server(factory, sock=sock, backlog=BACKLOG)
+        listener = Listener(sock, factory, peer_log or PeerLog(), f"Unix socket {path}")
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     logger.info("Listening for new connection on Unix socket %s", path)
-    return UnixListener(server, path, (st.st_dev, st.st_ino))
+    return UnixListener(listener, path, (st.st_dev, st.st_ino))
 
 
 async def _clear_stale(path: str, fail: Callable[[str], ConfigError]) -> None:

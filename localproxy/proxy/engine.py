@@ -216,7 +216,9 @@ class Engine:
         path = action.unix_path
         if path is not None:
             try:
-                listener = await listen_unix(service_id, path, lambda: LocalConnection(self, service_id, origin="unix"))
+                listener = await listen_unix(
+                    service_id, path, lambda: LocalConnection(self, service_id, origin="unix"), self.peer_log
+                )
             except LocalProxyError as error:
                 self.fatal = error
                 return
