@@ -32,10 +32,16 @@ from localproxy.agent.notify import NOTIFY_TOPIC_TEMPLATE
 from localproxy.agent.plan import WhenFull
 from localproxy.config.command_line import (
     INSECURE_WARNING,
+    exposed_metrics_warning,
     https_proxy_from_environment,
     operations_options,
 )
-from localproxy.config.mappings import Notes, parse_mapping, read_config_dir
+from localproxy.config.mappings import (
+    Notes,
+    is_loopback_host,
+    parse_mapping,
+    read_config_dir,
+)
 from localproxy.config.settings_json import load_settings_json
 from localproxy.errors import ExitCode, LocalProxyError, UsageError
 from localproxy.events import Connected, Disconnected
@@ -196,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, log_format=log_format)
     if args.verbose >= 6:
         paho_logger.setLevel(logging.DEBUG)
+    if metrics_port is not None and not is_loopback_host(metrics_bind):
+        notes.append((logging.WARNING, exposed_metrics_warning(metrics_bind)))
     for level, message in notes:
         log.log(level, "%s", message)
 

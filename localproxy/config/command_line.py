@@ -74,6 +74,16 @@ def exposed_listeners_warning(address: str, option: str) -> str:
     )
 
 
+def exposed_metrics_warning(address: str) -> str:
+    """The warning for a metrics server on a non-loopback address (--metrics-bind)."""
+    return (
+        f"SECURITY WARNING: the metrics server binds to {address} (--metrics-bind), not a loopback address. "
+        "Anyone who can reach this host on the metrics port reads the tunnel's state, service names and "
+        "traffic counters (never a token). Bind to 127.0.0.1 unless a scraper on another host needs it, "
+        "and then firewall the port."
+    )
+
+
 @dataclass(frozen=True)
 class ParsedCommand:
     """What the command line asks for. ``config`` is None for help/version/export."""
@@ -204,6 +214,8 @@ def parse_command_line(
     metrics_port, metrics_bind, log_format = operations_options(
         layers.text("metrics-port"), layers.text("metrics-bind"), layers.text("log-format")
     )
+    if metrics_port is not None and not is_loopback_host(metrics_bind):
+        notes.append((logging.WARNING, exposed_metrics_warning(metrics_bind)))
     return ParsedCommand(
         config=config, verbosity=verbosity, log_messages=tuple(notes),
         metrics_port=metrics_port, metrics_bind=metrics_bind, log_format=log_format, stdio_service=stdio_service,
