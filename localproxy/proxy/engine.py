@@ -26,16 +26,13 @@ import asyncio
 import logging
 import socket
 from collections import defaultdict
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import ConnectionFailedError, LocalProxyError
 from localproxy.events import ErrorEvent, Event, Listening, TunnelReady
 from localproxy.local.adapters import PAUSE_CONGESTED, PAUSE_HELD, LocalConnection
-from localproxy.local.inprocess import serve_socket
 from localproxy.local.listeners import listen
-from localproxy.local.stdio_direct import StdioTransport, serve_stdio
-from localproxy.local.unix import listen_unix
 from localproxy.ops.peerlog import PeerLog
 from localproxy.tunnel.actions import (
     Close,
@@ -55,6 +52,9 @@ from localproxy.tunnel.receive_policy import ReceiveGate
 from localproxy.tunnel.state import TunnelState
 from localproxy.types import Mode
 from localproxy.websocket.sender import Sender
+
+if TYPE_CHECKING:
+    from localproxy.local.stdio_direct import StdioTransport
 
 __all__ = ["Engine"]
 
@@ -216,6 +216,9 @@ class Engine:
         path = action.unix_path
         if path is not None:
             try:
+                # here: TCP-only runs skip it (start-up)
+                from localproxy.local.unix import listen_unix
+
                 listener = await listen_unix(
                     service_id, path, lambda: LocalConnection(self, service_id, origin="unix"), self.peer_log
                 )
@@ -257,12 +260,18 @@ class Engine:
 
     async def attach(self, service_id: str, sock: socket.socket) -> None:
         """Serve ``sock`` as a new local connection of ``service_id`` (in-process source)."""
+        # here: only in-process connections need it
+        from localproxy.local.inprocess import serve_socket
+
         await serve_socket(sock, lambda: LocalConnection(self, service_id, origin="in-process"))
 
     async def attach_stdio(
         self, service_id: str, stdin_fd: int, stdout_fd: int
     ) -> tuple[StdioTransport, Callable[[], None]] | None:
         """Serve stdin/stdout as a new local connection of ``service_id``, or None if the loop cannot."""
+        # here: only --stdio needs it
+        from localproxy.local.stdio_direct import serve_stdio
+
         return await serve_stdio(
             lambda: LocalConnection(self, service_id, origin="stdio"), stdin_fd=stdin_fd, stdout_fd=stdout_fd
         )
