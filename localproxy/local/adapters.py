@@ -90,6 +90,7 @@ class LocalConnection(asyncio.Protocol):
         self._pending_bytes = 0
         self._connector: asyncio.Task[None] | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._close_when_connected = False  # closed (flushed) by the tunnel while connecting
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -111,6 +112,12 @@ class LocalConnection(asyncio.Protocol):
             transport.writelines(pending)
             if self.write_paused and transport.get_write_buffer_size() <= WRITE_HIGH:
                 self.resume_writing()  # paused while connecting; the transport will not tell
+        if self._close_when_connected:  # the tunnel ended it while connecting: flush, close
+            self._close_when_connected = False
+            transport.close()
+            if transport.get_write_buffer_size():
+                self._abort_timer = asyncio.get_running_loop().call_later(FLUSH_TIMEOUT, transport.abort)
+            return
         self.hub.local_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -165,9 +172,16 @@ class LocalConnection(asyncio.Protocol):
             return
         self.closing = True
         self.reported = True
+        transport = self.transport
+        if transport is None and flush and self._pending and self._connector is not None:
+            # Destination still connecting, with bytes the peer sent before it closed
+            # (a client that writes and leaves at once): deliver them, then close.
+            self._close_when_connected = True
+            if self.write_paused:
+                self.resume_writing()
+            return
         if self._connector is not None:
             self._connector.cancel()
-        transport = self.transport
         if transport is None:
             self._pending.clear()
             if self.write_paused:
