@@ -1,0 +1,252 @@
+"""``localproxy connect THING SERVICE``: one connection to SERVICE on THING over stdin/stdout.
+
+Made to be an ssh ProxyCommand::
+
+    ssh -o ProxyCommand='localproxy connect %h SSH -r us-east-1' user@device-42
+
+stdout carries only the connection's bytes; every message goes to stderr. The source
+proxy is shared (``server.py``): this process attaches to it, starting it first if needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO, NoReturn
+
+from localproxy.connect.attach import MAX_LINE, Reply, Request
+from localproxy.connect.paths import SHARING, SharedPaths, shared_paths
+from localproxy.errors import ConfigError, ExitCode, LocalProxyError, UsageError
+
+PROG = "localproxy connect"
+TRY_HELP = f"Try '{PROG} --help' for more information."
+START_TIMEOUT = 20.0  # the shared server's start (imports, socket), not the device's wait
+LOCK_TIMEOUT = 60.0  # another connect starting the server and waiting for the device
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{PROG}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Open one connection to SERVICE on the AWS IoT thing THING over stdin/stdout "
+        "(e.g. as ssh's ProxyCommand), reusing the thing's open tunnel and sharing one source proxy.",
+    )
+    parser.add_argument("thing", metavar="THING", help="the device's AWS IoT thing name (ssh: %%h)")
+    parser.add_argument("service", metavar="SERVICE", help="the service on the device, e.g. SSH")
+    parser.add_argument("-r", "--region", help="AWS region (default: the AWS configuration's)")
+    parser.add_argument(
+        "-e", "--proxy-endpoint", metavar="ENDPOINT",
+        help="data-plane endpoint (default: the region's); ws://HOST:PORT for the emulator, whose "
+        "control API is given by AWS_ENDPOINT_URL",
+    )  # fmt: skip
+    parser.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the device to connect (default 60)")  # fmt: skip
+    parser.add_argument("--tunnel-minutes", type=_minutes, default=720, metavar="MINUTES",
+                        help="lifetime of a tunnel this command opens, 1-720 (default 720)")  # fmt: skip
+    parser.add_argument("--close-on-exit", action="store_true",
+                        help="close the tunnel when its last connection ends (default: keep it for reuse)")  # fmt: skip
+    parser.add_argument("--idle-exit", type=_seconds, default=300.0, metavar="SECONDS",
+                        help="the shared source exits after this long without a connection (default 300)")  # fmt: skip
+    parser.add_argument("-v", "--verbose", type=int, default=4, metavar="0..6",
+                        help="log level of the shared source's log file (default 4: info)")  # fmt: skip
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the shared server itself
+    return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 0 to 86400 seconds, got {text!r}")
+    return value
+
+
+def _minutes(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 720:
+        raise argparse.ArgumentTypeError(f"must be 1 to 720 minutes, got {text!r}")
+    return int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(arguments)
+        if args.serve:
+            from localproxy.connect.serve_main import serve_main
+
+            return serve_main(args)
+        return asyncio.run(connect(args))
+    except UsageError as exc:
+        say(str(exc).removeprefix(f"{PROG}: "))
+        print(TRY_HELP, file=sys.stderr)
+        return ExitCode.USAGE
+    except LocalProxyError as exc:
+        say(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def say(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+async def connect(args: argparse.Namespace) -> int:
+    from localproxy.connect._compat import relay_stdio
+
+    request = Request(args.service, args.wait, args.close_on_exit)
+    if not SHARING:
+        return await _connect_here(args, request)
+    paths = shared_paths(args.thing, args.region, args.proxy_endpoint, os.environ.get("AWS_ENDPOINT_URL"))
+    started = time.time()
+    link = await _attach(paths)
+    if link is None:
+        lock = _StartLock(paths)
+        await asyncio.to_thread(lock.acquire)
+        try:
+            link = await _attach(paths)  # another connect may have started it meanwhile
+            if link is None:
+                await asyncio.to_thread(_start_server, args, paths)
+                link = await _attach(paths)
+        finally:
+            lock.release()
+    if link is None:
+        raise ConfigError(f"the shared source did not answer on {paths.socket}: see {paths.log}")
+    reader, writer = link
+    writer.write(request.encode())
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConfigError(f"the shared source ended before the connection opened: see {paths.log}")
+        try:
+            reply = Reply.decode(line)
+        except ValueError:
+            raise ConfigError(f"the shared source answered garbage: see {paths.log}") from None
+        if reply.say is not None:
+            say(reply.say)
+        elif reply.error is not None:
+            say(reply.error)
+            return reply.code
+        else:
+            break
+    await relay_stdio(reader, writer)
+    return _status_since(paths, started)
+
+
+async def _attach(paths: SharedPaths) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    try:
+        return await asyncio.open_unix_connection(str(paths.socket), limit=MAX_LINE)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None  # none yet, or a stale socket of a server that died
+
+
+class _StartLock:
+    """An exclusive lock file guarding the shared server's start (bounded wait: LOCK_TIMEOUT)."""
+
+    def __init__(self, paths: SharedPaths) -> None:
+        self.path = paths.lock
+        self.fd = -1
+
+    def acquire(self) -> None:  # blocking: called in a worker thread
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConfigError(f"another localproxy connect holds {self.path} for too long") from None
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
+
+
+def _start_server(args: argparse.Namespace, paths: SharedPaths) -> None:
+    """Start the shared server, detached (its own session), and wait until it listens."""
+    command = [sys.executable, "-m", "localproxy.connect", "--serve", args.thing, args.service,
+               "--tunnel-minutes", str(args.tunnel_minutes), "--idle-exit", str(args.idle_exit),
+               "-v", str(args.verbose)]  # fmt: skip
+    if args.region:
+        command += ["-r", args.region]
+    if args.proxy_endpoint:
+        command += ["-e", args.proxy_endpoint]
+    log = open(paths.log, "ab")
+    try:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        log.close()
+    assert process.stdout is not None
+    line = _read_line(process.stdout, START_TIMEOUT)
+    process.stdout.close()
+    process.returncode = 0  # detached on purpose: no "still running" warning when we exit
+    try:
+        reply = Reply.decode(line)
+    except ValueError:
+        raise ConfigError(f"the shared source did not start: see {paths.log}") from None
+    if reply.error is not None:
+        raise _Failed(reply.error, reply.code)
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a pipe, waiting at most ``timeout`` (select: the pipe may stay silent)."""
+    import select
+
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline(MAX_LINE) if ready else b""
+
+
+class _Failed(LocalProxyError):
+    """An error the shared server reported, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _status_since(paths: SharedPaths, started: float) -> int:
+    """Why the source ended our connection, if it did (it writes the status file first)."""
+    try:
+        status = json.loads(paths.status.read_text(encoding="utf-8"))
+        if float(status["time"]) >= started:
+            say(f"connection ended: {status['message']}")
+            return int(status["code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return ExitCode.OK
+
+
+async def _connect_here(args: argparse.Namespace, request: Request) -> int:
+    """No Unix sockets (Windows): a source of our own, in this process, for this one connection."""
+    from localproxy.connect._compat import relay_stdio
+    from localproxy.connect.source import SourceOptions, ThingSource
+
+    source = ThingSource(SourceOptions(args.thing, args.region, args.proxy_endpoint, os.environ.get("AWS_ENDPOINT_URL"), args.tunnel_minutes))
+    try:
+        reader, writer = await source.open_connection(request.service, request.wait, say)
+        await relay_stdio(reader, writer)
+    finally:
+        await source.close(close_tunnel=args.close_on_exit)
+    return ExitCode.OK
