@@ -33,6 +33,8 @@ if TYPE_CHECKING:
         ProtocolError,
         ServiceUnavailableError,
         TunnelClosedError,
+        TunnelNotReadyError,
+        UnknownServiceError,
         UsageError,
     )
     from localproxy.events import (
@@ -51,7 +53,16 @@ if TYPE_CHECKING:
     from localproxy.ops.stats import ProxyStats
     from localproxy.proxy.local_proxy import LocalProxy
     from localproxy.settings import Settings
-    from localproxy.types import DestinationTarget, Mode, ServiceEndpoint, ServiceTarget, SourcePort
+    from localproxy.types import (
+        DestinationTarget,
+        InProcess,
+        Mode,
+        ServiceEndpoint,
+        ServiceTarget,
+        SourcePort,
+        SourceTarget,
+        SourceUnixSocket,
+    )
 
 # name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -60,7 +71,11 @@ _EXPORTS: dict[str, str] = {
     "ProxyStats": "localproxy.ops.stats",
     "Settings": "localproxy.settings",
     **dict.fromkeys(
-        ["DestinationTarget", "Mode", "ServiceEndpoint", "ServiceTarget", "SourcePort"], "localproxy.types"
+        [
+            "DestinationTarget", "InProcess", "Mode", "ServiceEndpoint", "ServiceTarget", "SourcePort",
+            "SourceTarget", "SourceUnixSocket",
+        ],
+        "localproxy.types",
     ),
     **dict.fromkeys(
         [
@@ -73,7 +88,8 @@ _EXPORTS: dict[str, str] = {
         [
             "AccessTokenUsedError", "ClientTokenMismatchError", "ConfigError", "ConnectionFailedError",
             "ExitCode", "HandshakeRejectedError", "LocalProxyError", "ProtocolError",
-            "ServiceUnavailableError", "TunnelClosedError", "UsageError",
+            "ServiceUnavailableError", "TunnelClosedError", "TunnelNotReadyError", "UnknownServiceError",
+            "UsageError",
         ],
         "localproxy.errors",
     ),

@@ -42,6 +42,17 @@ class ConfigError(LocalProxyError):
     exit_code = ExitCode.CONFIG
 
 
+class UnknownServiceError(ConfigError):
+    """A local connection was asked for a service the tunnel does not serve."""
+
+
+class TunnelNotReadyError(LocalProxyError):
+    """No tunnel session to carry a new local connection: not connected yet,
+    reconnecting, or the proxy is closed (``LocalProxy.open_connection``)."""
+
+    exit_code = ExitCode.CONNECTION_FAILED
+
+
 class ProtocolError(LocalProxyError):
     """Bytes or messages that break the Secure Tunneling wire protocol."""
 

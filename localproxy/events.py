@@ -46,10 +46,12 @@ class TunnelReady:
 
 @dataclass(frozen=True)
 class Listening:
-    """Source mode: a local port accepts connections for ``service_id``."""
+    """Source mode: a local port (or the Unix socket ``path``, port 0) accepts
+    connections for ``service_id``."""
 
     service_id: str
     port: int
+    path: str | None = None
 
 
 @dataclass(frozen=True)

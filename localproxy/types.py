@@ -68,6 +68,26 @@ class SourcePort:
 
 
 @dataclass(frozen=True)
+class SourceUnixSocket:
+    """Source mode: the Unix socket path to listen on for a service (created 0600)."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """Source mode: no listener; connections come only from ``LocalProxy.open_connection``
+    and ``LocalProxy.connect_socket`` (tools that embed the proxy, ``--stdio``)."""
+
+
+# What a source proxy may serve a service on.
+SourceTarget = Union[SourcePort, SourceUnixSocket, InProcess]
+
+
+@dataclass(frozen=True)
 class DestinationTarget:
     """Destination mode: where to connect for a service: host:port or a Unix socket."""
 
@@ -82,7 +102,7 @@ class DestinationTarget:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
-ServiceTarget = Union[SourcePort, DestinationTarget]
+ServiceTarget = Union[SourcePort, SourceUnixSocket, InProcess, DestinationTarget]
 
 
 def split_host_port(text: str, default_port: int, what: str = "port") -> tuple[str, int]:

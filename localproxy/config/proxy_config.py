@@ -51,6 +51,9 @@ class ProxyConfig:
     # reference, such a mapping is used if the tunnel has that service and is
     # not an error if it does not (a shared ./config may list other services).
     optional_services: frozenset[str] = frozenset()
+    # Source: a tunnel service with no mapping listens on a picked port (as the
+    # reference does); False: it gets no listener (``InProcess``), e.g. ``--stdio``.
+    listen_unmapped: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))

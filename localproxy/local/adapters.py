@@ -68,10 +68,15 @@ class LocalHub(Protocol):
 class LocalConnection(asyncio.Protocol):
     """One local TCP/Unix connection, accepted (source) or opened (destination)."""
 
-    def __init__(self, hub: LocalHub, service_id: str, key: int = 0, *, read_paused: int = 0) -> None:
+    def __init__(
+        self, hub: LocalHub, service_id: str, key: int = 0, *, read_paused: int = 0, origin: str = "tcp"
+    ) -> None:
         self.hub = hub
         self.service_id = service_id
         self.key = key  # the tunnel's connection key (source: set by hub.local_opened)
+        # How a source connection came: "tcp", "unix" (a Unix socket listener) or
+        # "in-process" (LocalProxy.open_connection): for logs only.
+        self.origin = origin
         self.peer = ""  # remote address, for logs
         self.transport: asyncio.Transport | None = None
         self.closing = False  # the hub closed it: do not report the close back
@@ -91,8 +96,11 @@ class LocalConnection(asyncio.Protocol):
         self.transport = transport
         _set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        peer = transport.get_extra_info("peername")
-        self.peer = _format_address(peer) if peer else self.service_id or "local socket"
+        if self.origin == "tcp":
+            peer = transport.get_extra_info("peername")
+            self.peer = _format_address(peer) if peer else self.service_id or "local socket"
+        else:
+            self.peer = f"{self.origin} connection to {self.service_id or '(default)'}"
         if self._read_paused:
             transport.pause_reading()
         if self._pending:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ from localproxy.local.adapters import (
     LocalConnection,
     listen,
 )
+from localproxy.local.inprocess import serve_socket
 from localproxy.tunnel.actions import (
     Close,
     Connect,
@@ -200,6 +202,10 @@ class Engine:
         self.ports[service_id] = port
         self.emit(Listening(service_id, port))
 
+    async def attach(self, service_id: str, sock: socket.socket) -> None:
+        """Serve ``sock`` as a new local connection of ``service_id`` (in-process source)."""
+        await serve_socket(sock, lambda: LocalConnection(self, service_id, origin="in-process"))
+
     def _connect(self, action: Connect) -> None:
         settings = self.config.settings
         conn = LocalConnection(self, action.service_id, action.key)
@@ -231,9 +237,12 @@ class Engine:
     def local_opened(self, conn: LocalConnection) -> None:
         if self.config.mode is Mode.DESTINATION:
             return  # its key came with the Connect action
-        logger.info(
-            "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer
-        )
+        if conn.origin == "tcp":
+            logger.info(
+                "Accepted tcp connection on port %s from %s", self.ports.get(conn.service_id, "?"), conn.peer
+            )
+        else:
+            logger.info("Accepted %s", conn.peer)
         key, actions = self.tunnel.local_opened(conn.service_id)
         conn.key = key
         self._conns[key] = conn

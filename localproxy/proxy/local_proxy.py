@@ -22,8 +22,10 @@ Several proxies can run in one event loop: there is no global state.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
+import socket
 from typing import Any, Callable
 
 from websockets.exceptions import ConnectionClosed
@@ -35,14 +37,19 @@ from localproxy.errors import (
     HandshakeRejectedError,
     LocalProxyError,
     ServiceUnavailableError,
+    TunnelNotReadyError,
+    UnknownServiceError,
+    UsageError,
 )
 from localproxy.events import Connected, Disconnected, ErrorEvent, Event
+from localproxy.local.inprocess import socket_pair
 from localproxy.ops.logs import log_tunnel
 from localproxy.ops.stats import ProxyCounters, ProxyStats
 from localproxy.proxy.engine import Engine
 from localproxy.proxy.receiver import Receiver
 from localproxy.tokens.source import TokenSource
 from localproxy.tunnel.state import TunnelState
+from localproxy.types import Mode
 from localproxy.websocket.session import (
     DEFAULT_MAX_DELAY_MS,
     Backoff,
@@ -86,6 +93,7 @@ class LocalProxy:
         self._fatal: LocalProxyError | None = None
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._replaced = False  # the last session was closed as replaced by another proxy
         self._replaced_warned = False
 
@@ -103,6 +111,7 @@ class LocalProxy:
         if self._task is not None:
             return
         loop = asyncio.get_running_loop()
+        self._loop = loop
         ready: asyncio.Future[None] = loop.create_future()
         ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         self._ready = ready
@@ -147,6 +156,103 @@ class LocalProxy:
         """Call ``callback(event)`` for every event; returns an unsubscribe function."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    # --- in-process connections (source mode) -------------------------------------
+
+    async def open_connection(
+        self, service: str | None = None, *, limit: int = 2**16
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to ``service`` through the tunnel, as asyncio streams.
+
+        Source mode only; ``service`` is a tunnel service id (None: the tunnel's only
+        service). The connection is served as a TCP client of a source listener is
+        (same fairness, backpressure and close: ``writer.write_eof()`` or ``close()``
+        ends it, the far end closing gives EOF), whether the service has a listener
+        or is ``InProcess()``. Raises ``UsageError`` (not source mode),
+        ``UnknownServiceError``, ``TunnelNotReadyError`` (no session now, or closed),
+        or the proxy's fatal error if it stopped on one.
+        """
+        service_id = self._check_open(service)
+        ours, theirs = socket_pair()
+        try:
+            await self._engine.attach(service_id, ours)
+            return await asyncio.open_connection(sock=theirs, limit=limit)
+        except BaseException:
+            theirs.close()
+            raise
+
+    def connect_socket(self, service: str | None = None, *, timeout: float = 30.0) -> socket.socket:
+        """A new connection to ``service`` as a connected, blocking socket (paramiko's ``sock=``).
+
+        Same checks, errors and semantics as :meth:`open_connection`; close the socket
+        to end the connection. Call it from any thread: from another thread it waits
+        (at most ``timeout`` s) until the proxy's loop serves the connection; on the
+        loop's own thread it does not block (the loop serves the connection as soon
+        as the caller yields), but the caller must then not do blocking I/O on that
+        socket from the loop's thread (it would wait on itself): hand the socket to
+        a thread, e.g. ``await asyncio.to_thread(work, sock)``.
+        """
+        loop = self._loop
+        if loop is None:
+            raise TunnelNotReadyError("The proxy is not started: use 'async with LocalProxy(...)' first")
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:
+            future = asyncio.run_coroutine_threadsafe(self._open_socket(service), loop)
+            try:
+                return future.result(timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise TunnelNotReadyError(
+                    f"The proxy's event loop did not serve the connection within {timeout} s"
+                ) from None
+        service_id = self._check_open(service)
+        ours, theirs = socket_pair()
+        attaching = loop.create_task(self._engine.attach(service_id, ours))
+        # A failure closes ours, which the caller sees as EOF; retrieve it (no warning).
+        attaching.add_done_callback(lambda task: task.cancelled() or task.exception())
+        theirs.setblocking(True)
+        return theirs
+
+    async def _open_socket(self, service: str | None) -> socket.socket:
+        service_id = self._check_open(service)
+        ours, theirs = socket_pair()
+        try:
+            await self._engine.attach(service_id, ours)
+        except BaseException:
+            theirs.close()
+            raise
+        theirs.setblocking(True)
+        return theirs
+
+    def _check_open(self, service: str | None) -> str:
+        """The served service id for a new in-process connection, or a typed error."""
+        if self.config.mode is not Mode.SOURCE:
+            raise UsageError(
+                f"In-process connections need a source-mode proxy; this one is in {self.config.mode.value} mode"
+            )
+        task = self._task
+        if task is None:
+            raise TunnelNotReadyError("The proxy is not started: use 'async with LocalProxy(...)' first")
+        if task.done():
+            if self._fatal is not None:
+                raise self._fatal
+            raise TunnelNotReadyError("The proxy is closed")
+        tunnel = self._engine.tunnel
+        services = tunnel.services
+        if services is None:
+            raise TunnelNotReadyError("The tunnel is not ready yet (its services are not known): await proxy.ready")
+        service_id = tunnel.served_service(service)
+        if service_id is None:
+            shown = ", ".join(repr(name) for name in services)
+            if service is None:
+                raise UnknownServiceError(f"The tunnel serves several services ({shown}): name one")
+            raise UnknownServiceError(f"The tunnel does not serve service {service!r} here (it serves: {shown})")
+        if not tunnel.session_active:
+            raise TunnelNotReadyError("The tunnel session is down (reconnecting): try again after it is back")
+        return service_id
 
     async def wait_closed(self) -> None:
         """Return when the proxy stopped; raise its fatal error if it had one."""

@@ -112,10 +112,12 @@ class Release:
 
 @dataclass(slots=True)
 class Listen:
-    """Source: accept local connections for ``service_id`` on ``port`` (0: pick one)."""
+    """Source: accept local connections for ``service_id`` on TCP ``port`` (0: pick one),
+    or on the Unix socket ``unix_path`` when it is set."""
 
     service_id: str
     port: int
+    unix_path: str | None = None
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from localproxy.tunnel.actions import (
     SendData,
     control_frame,
 )
-from localproxy.types import Mode, ServiceTarget
+from localproxy.types import InProcess, Mode, ServiceTarget, SourcePort
 from localproxy.wire.codec import BytesLike, MessageType
 
 __all__ = ["Connection", "Output", "Stream", "TunnelCore", "VERSIONS"]
@@ -101,6 +101,8 @@ class TunnelOptions(Protocol):
     def destination_client_type(self) -> str | None: ...
     @property
     def settings(self) -> Settings: ...
+    @property
+    def listen_unmapped(self) -> bool: ...
 
 
 class TunnelCore:
@@ -115,6 +117,7 @@ class TunnelCore:
         max_active_connections: int = 128,
         max_payload_size: int = 64512,
         reconnect_on_data_error: bool = True,
+        listen_unmapped: bool = True,
     ) -> None:
         if destination_client_type not in _CLIENT_TYPES:
             raise ConfigError(f"Unknown destination client type '{destination_client_type}': use V1 or V2")
@@ -126,6 +129,8 @@ class TunnelCore:
         self._max_connections = max_active_connections
         self._max_payload = max_payload_size
         self._reconnect_on_data_error = reconnect_on_data_error
+        # Source: a tunnel service with no mapping gets a picked port, or no listener.
+        self._unmapped: ServiceTarget = SourcePort(0) if listen_unmapped else InProcess()
         self._next_stream_id = 1
         self._next_key = 1
         self._version = 0  # negotiated: 1, 2 or 3; 0 = no session
@@ -153,6 +158,7 @@ class TunnelCore:
             max_active_connections=settings.tcp_max_active_connections,
             max_payload_size=settings.max_payload_size,
             reconnect_on_data_error=settings.reconnect_on_data_error,
+            listen_unmapped=config.listen_unmapped,
         )
 
     # --- views ---------------------------------------------------------------
@@ -169,6 +175,21 @@ class TunnelCore:
     def active_stream(self, service_id: str) -> int | None:
         stream = self._streams.get(service_id)
         return None if stream is None else stream.stream_id
+
+    def served_service(self, name: str | None) -> str | None:
+        """The served service id a local user means by ``name`` (None: the only one), or None.
+
+        A V1 session serves its single mapping as "", and a single unnamed mapping
+        serves the tunnel's one service under its name: either name reaches it.
+        """
+        targets = self._targets
+        if targets is None:
+            return None
+        if name is not None and name in targets:
+            return name
+        if len(targets) == 1 and (name is None or name == "" or name in self._configured):
+            return next(iter(targets))
+        return None
 
     def connection_count(self, service_id: str | None = None) -> int:
         if service_id is None:

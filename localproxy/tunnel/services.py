@@ -14,9 +14,11 @@ from localproxy.errors import ConfigError
 from localproxy.types import (
     V1_SERVICE,
     DestinationTarget,
+    InProcess,
     Mode,
     ServiceTarget,
     SourcePort,
+    SourceUnixSocket,
 )
 
 __all__ = ["resolve_services"]
@@ -30,17 +32,20 @@ def resolve_services(
     mode: Mode,
     configured: Mapping[str, ServiceTarget],
     tunnel_ids: Sequence[str] | None,
+    *,
+    unmapped: ServiceTarget = SourcePort(0),
 ) -> dict[str, ServiceTarget]:
     """Return ``{wire service id: target}`` for the services this proxy serves.
 
     ``tunnel_ids`` is the SERVICE_IDS list (V2/V3), or ``None`` on a V1 session
     where no service ids exist (the single mapping is then served as "").
-    Source mode picks a free port (``SourcePort(0)``) for a tunnel service with no
-    port; destination mode needs a target for every tunnel service.
+    Source mode serves a tunnel service with no mapping on ``unmapped`` (a picked
+    free port, ``SourcePort(0)``, or ``InProcess()`` for a proxy that must open no
+    port, e.g. ``--stdio``); destination mode needs a target for every tunnel service.
     """
     _check_target_types(mode, configured)
     if tunnel_ids is None:
-        return _resolve_v1(mode, configured)
+        return _resolve_v1(mode, configured, unmapped)
     ids = list(dict.fromkeys(tunnel_ids))  # de-duplicated, service order kept
     if V1_SERVICE in configured:
         if len(configured) > 1:
@@ -69,13 +74,15 @@ def resolve_services(
             )
         if not ids:
             raise ConfigError("No destination is configured: give -d port or -d host:port")
-    resolved: dict[str, ServiceTarget] = {service: configured.get(service, SourcePort(0)) for service in ids}
+    resolved: dict[str, ServiceTarget] = {service: configured.get(service, unmapped) for service in ids}
     if not ids:  # a tunnel without services, source mode with no mapping: one picked port
-        resolved[V1_SERVICE] = SourcePort(0)
+        resolved[V1_SERVICE] = unmapped
     return resolved
 
 
-def _resolve_v1(mode: Mode, configured: Mapping[str, ServiceTarget]) -> dict[str, ServiceTarget]:
+def _resolve_v1(
+    mode: Mode, configured: Mapping[str, ServiceTarget], unmapped: ServiceTarget
+) -> dict[str, ServiceTarget]:
     if len(configured) > 1:
         raise ConfigError(
             f"The V1 protocol carries a single service, but {len(configured)} are configured "
@@ -84,15 +91,16 @@ def _resolve_v1(mode: Mode, configured: Mapping[str, ServiceTarget]) -> dict[str
     if not configured:
         if mode is Mode.DESTINATION:
             raise ConfigError("No destination is configured: give -d port or -d host:port")
-        return {V1_SERVICE: SourcePort(0)}
+        return {V1_SERVICE: unmapped}
     return {V1_SERVICE: next(iter(configured.values()))}
 
 
 def _check_target_types(mode: Mode, configured: Mapping[str, ServiceTarget]) -> None:
-    expected = SourcePort if mode is Mode.SOURCE else DestinationTarget
+    expected: tuple[type, ...] = (
+        (SourcePort, SourceUnixSocket, InProcess) if mode is Mode.SOURCE else (DestinationTarget,)
+    )
     for service, target in configured.items():
         if not isinstance(target, expected):
             shown = service or "(unnamed)"
-            raise ConfigError(
-                f"Service {shown}: a {mode.value} proxy needs a {expected.__name__}, got {target!r}"
-            )
+            names = " or ".join(kind.__name__ for kind in expected)
+            raise ConfigError(f"Service {shown}: a {mode.value} proxy needs a {names}, got {target!r}")

@@ -58,7 +58,7 @@ from localproxy.tunnel.actions import (
 )
 from localproxy.tunnel.core import VERSIONS, Output, Stream, TunnelCore
 from localproxy.tunnel.services import resolve_services
-from localproxy.types import DestinationTarget, Mode, SourcePort
+from localproxy.types import DestinationTarget, Mode, SourcePort, SourceUnixSocket
 from localproxy.wire.codec import BytesLike, Message, MessageType
 
 __all__ = ["TunnelState", "VERSIONS"]
@@ -282,7 +282,9 @@ class TunnelState(TunnelCore):
 
     def _apply_service_ids(self, ids: Iterable[str] | None) -> Output:
         try:
-            targets = resolve_services(self.mode, self._configured, None if ids is None else tuple(ids))
+            targets = resolve_services(
+                self.mode, self._configured, None if ids is None else tuple(ids), unmapped=self._unmapped
+            )
             if self.mode is Mode.SOURCE and self._client_version == 1 and len(targets) > 1:
                 raise ConfigError(
                     f"Destination client type V1 carries a single service, but the tunnel has "
@@ -303,10 +305,15 @@ class TunnelState(TunnelCore):
                 self._listening.discard(service)
                 out.append(StopListen(service))
             for service, target in targets.items():
-                if service not in self._listening:
-                    self._listening.add(service)
-                    assert isinstance(target, SourcePort)
+                if service in self._listening:
+                    continue
+                if isinstance(target, SourcePort):
                     out.append(Listen(service, target.port))
+                elif isinstance(target, SourceUnixSocket):
+                    out.append(Listen(service, 0, target.path))
+                else:  # InProcess: no listener, open_connection() only
+                    continue
+                self._listening.add(service)
         out.append(TunnelReady(tuple(targets)))
         return out
 
