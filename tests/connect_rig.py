@@ -73,26 +73,33 @@ class Device:
     emu: Emulator
     thing: str
     ssh_port: int
-    agent: DeviceAgent | None
+
+    @contextlib.asynccontextmanager
+    async def agent(self) -> AsyncIterator[DeviceAgent]:
+        """Our device agent serving the SSH server as SSH, subscribed to the notify topic."""
+        assert self.emu.mqtt_url is not None
+        mqtt = MqttSettings.parse(self.emu.mqtt_url, retry_delay_ms=50, max_retry_delay_ms=200)
+        subscribed = asyncio.Event()
+        agent = DeviceAgent(
+            self.thing, mqtt, {"SSH": DestinationTarget("127.0.0.1", self.ssh_port)},
+            endpoint=self.emu.data_url, proxy_settings=FAST,
+        )  # fmt: skip
+        agent.subscribe(lambda event: isinstance(event, MqttConnected) and subscribed.set())
+        async with agent:
+            await asyncio.wait_for(subscribed.wait(), TIMEOUT)
+            yield agent
 
 
 @contextlib.asynccontextmanager
 async def device(thing: str = "device-42", agent: bool = True) -> AsyncIterator[Device]:
     """The emulator (with MQTT), an SSH server and, with ``agent``, our agent serving it as SSH."""
     async with Emulator(port=0, mqtt=True) as emu, ssh_server() as port:
+        dev = Device(emu, thing, port)
         if not agent:
-            yield Device(emu, thing, port, None)
+            yield dev
             return
-        assert emu.mqtt_url is not None
-        mqtt = MqttSettings.parse(emu.mqtt_url, retry_delay_ms=50, max_retry_delay_ms=200)
-        subscribed = asyncio.Event()
-        the_agent = DeviceAgent(
-            thing, mqtt, {"SSH": DestinationTarget("127.0.0.1", port)}, endpoint=emu.data_url, proxy_settings=FAST
-        )
-        the_agent.subscribe(lambda event: isinstance(event, MqttConnected) and subscribed.set())
-        async with the_agent:
-            await asyncio.wait_for(subscribed.wait(), TIMEOUT)
-            yield Device(emu, thing, port, the_agent)
+        async with dev.agent():
+            yield dev
 
 
 @dataclass
@@ -109,6 +116,8 @@ class ConnectRig:
 
     dev: Device
     runtime: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lpc-")))
+
+    seen: set[int] = field(default_factory=set)  # every shared server pid ever seen
 
     def __post_init__(self) -> None:
         os.chmod(self.runtime, 0o700)
@@ -163,7 +172,7 @@ class ConnectRig:
         try:
             conn = await asyncio.wait_for(
                 asyncssh.connect("device", sock=ours, username="op", known_hosts=None, agent_path=None,
-                                 client_keys=None, password=None),
+                                 client_keys=None, password=None, encoding=None),
                 TIMEOUT,
             )  # fmt: skip
         except BaseException:
@@ -172,6 +181,7 @@ class ConnectRig:
             for pump in pumps:
                 pump.cancel()
             raise AssertionError("ssh over connect failed:\n" + b"".join(err).decode(errors="replace")) from None
+        self.server_pids()  # remember the shared server, to check it exits
         try:
             yield conn, err
         finally:
@@ -189,20 +199,25 @@ class ConnectRig:
                 writer.close()
 
     def server_pids(self) -> list[int]:
+        """Shared servers running now (their pid files)."""
         pids = []
         for path in self.runtime.glob("*.pid"):
             with contextlib.suppress(ValueError, OSError):
                 pids.append(int(path.read_text()))
+        self.seen.update(pids)
         return pids
 
     async def wait_servers_gone(self, timeout: float = TIMEOUT) -> None:
         async with asyncio.timeout(timeout):
-            while any(alive(pid) for pid in self.server_pids()):
+            while any(alive(pid) for pid in {*self.server_pids(), *self.seen}):
                 await asyncio.sleep(0.05)  # polling a process table: there is no event to wait on
+
+    def logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in self.runtime.glob("*.log"))
 
     async def cleanup(self) -> list[int]:
         """Kill any shared server still running; -> the pids that were still alive."""
-        alive_pids = [pid for pid in self.server_pids() if alive(pid)]
+        alive_pids = [pid for pid in {*self.server_pids(), *self.seen} if alive(pid)]
         for pid in alive_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -5,24 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any
-
-try:
-    from localproxy.types import InProcess as _InProcess  # type: ignore[attr-defined]
-except ImportError:
-    _InProcess = None
-
-
-def in_process_target() -> Any:
-    from localproxy.types import SourcePort
-
-    return _InProcess() if _InProcess is not None else SourcePort(0)
-
-
-async def open_connection(proxy: Any, service: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    if hasattr(proxy, "open_connection"):
-        return await proxy.open_connection(service)  # type: ignore[no-any-return]
-    return await asyncio.open_connection("127.0.0.1", proxy.ports[service])
 
 
 async def relay_stdio(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

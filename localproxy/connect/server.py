@@ -63,10 +63,12 @@ class SharedServer:
             with contextlib.suppress(OSError):
                 if os.stat(path).st_ino == identity:  # ours, not a successor's
                     os.unlink(path)
-                    self.paths.pid.unlink(missing_ok=True)
             for writer in list(self._links):
                 writer.close()
             await self.source.close(close_tunnel=self.close_on_exit)
+            with contextlib.suppress(OSError):
+                if self.paths.pid.read_text(encoding="ascii") == str(os.getpid()):
+                    self.paths.pid.unlink()
             log.info("shared source exits")
         return ExitCode.OK
 

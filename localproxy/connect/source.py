@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from localproxy.config.proxy_config import ProxyConfig
-from localproxy.connect._compat import in_process_target, open_connection
 from localproxy.connect.control import Control
 from localproxy.connect.plan import (
     Next,
@@ -34,7 +33,7 @@ from localproxy.errors import (
 from localproxy.ops.logs import register_secret
 from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.tokens.source import generate_client_token
-from localproxy.types import Mode, ServiceEndpoint
+from localproxy.types import InProcess, Mode, ServiceEndpoint
 
 log = logging.getLogger("localproxy.connect")
 Say = Callable[[str], None]
@@ -80,18 +79,20 @@ class ThingSource:
                 say(f"tunnel {tunnel.tunnel_id} was closed: starting again")
                 await self._drop_proxy(proxy)
                 continue
-            return await open_connection(proxy, service)
+            return await proxy.open_connection(service)
         raise AssertionError("unreachable")
 
     async def close(self, close_tunnel: bool = False) -> None:
-        if self.proxy is not None:
-            await self.proxy.close()
-        if close_tunnel and self.tunnel is not None and self.control is not None:
+        proxy, tunnel = self.proxy, self.tunnel
+        self.proxy = None  # stopping on purpose: _watch leaves the state alone
+        if proxy is not None:
+            await proxy.close()
+        if close_tunnel and tunnel is not None and self.control is not None:
             try:
-                await asyncio.to_thread(self.control.close, self.tunnel.tunnel_id)
-                log.info("closed tunnel %s", self.tunnel.tunnel_id)
+                await asyncio.to_thread(self.control.close, tunnel.tunnel_id)
+                log.info("closed tunnel %s", tunnel.tunnel_id)
             except LocalProxyError as exc:
-                log.warning("could not close tunnel %s: %s", self.tunnel.tunnel_id, exc)
+                log.warning("could not close tunnel %s: %s", tunnel.tunnel_id, exc)
 
     # --- set-up ---------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class ThingSource:
         )
         config = ProxyConfig(
             mode=Mode.SOURCE, access_token=token, endpoint=endpoint, region=control.region,
-            services={name: in_process_target() for name in self.tunnel.services},
+            services={name: InProcess() for name in self.tunnel.services},
         )  # fmt: skip
         # A client token of our own: the proxy can reconnect after a drop with the same access token.
         proxy = LocalProxy(config, client_token=generate_client_token(), name=self.tunnel.tunnel_id)
