@@ -118,6 +118,7 @@ class ConnectRig:
     runtime: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lpc-")))
 
     seen: set[int] = field(default_factory=set)  # every shared server pid ever seen
+    last_process: Any = None  # the last ``ssh()``'s connect child
 
     def __post_init__(self) -> None:
         os.chmod(self.runtime, 0o700)
@@ -160,6 +161,7 @@ class ConnectRig:
             *self.command(*extra), env=self.env, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        self.last_process = process
         ours, theirs = socket.socketpair()
         reader, writer = await asyncio.open_connection(sock=theirs)
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from localproxy.connect.attach import MAX_LINE, Reply, Request
 from localproxy.connect.paths import SharedPaths
@@ -26,6 +26,7 @@ from localproxy.ops.runtime import stop_on_signals
 
 log = logging.getLogger("localproxy.connect")
 CHUNK = 256 * 1024
+WHY_TIMEOUT = 10.0  # how long a dropped session may take to come back or fail for good
 
 
 class SharedServer:
@@ -117,20 +118,30 @@ class SharedServer:
                 self.stop.set()
             return
         writer.write(Reply(ok=True).encode())
-        await _splice(reader, writer, remote_reader, remote_writer)
+
+        async def explain() -> None:
+            # Before the client sees its connection end: the status file tells it why, if not a normal end.
+            error = await self.source.why_dropped(WHY_TIMEOUT)
+            if error is not None:
+                self._write_status(error)
+
+        await _splice(reader, writer, remote_reader, remote_writer, explain)
 
     # --- lifetime -------------------------------------------------------------------
 
     def _source_stopped(self, error: LocalProxyError | None) -> None:
         """The source proxy stopped: tell attached clients why (they read the status file)."""
         if error is not None:
-            status = {"code": error.exit_code, "message": str(error), "time": time.time()}
-            with contextlib.suppress(OSError):
-                self.paths.status.write_text(json.dumps(status), encoding="utf-8")
+            self._write_status(error)
         for writer in list(self._links):
             writer.close()
         if self.source.fatal is not None:
             self.stop.set()
+
+    def _write_status(self, error: LocalProxyError) -> None:
+        status = {"code": error.exit_code, "message": str(error), "time": time.time()}
+        with contextlib.suppress(OSError):
+            self.paths.status.write_text(json.dumps(status), encoding="utf-8")
 
     def _arm_idle(self) -> None:
         self._disarm_idle()
@@ -150,9 +161,16 @@ class SharedServer:
 async def _splice(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     remote_reader: asyncio.StreamReader, remote_writer: asyncio.StreamWriter,
+    explain: Callable[[], Awaitable[None]],
 ) -> None:  # fmt: skip
-    """Both directions until both ended; a reset either way ends both at once."""
-    tasks = {asyncio.ensure_future(_pipe(reader, remote_writer)), asyncio.ensure_future(_pipe(remote_reader, writer))}
+    """Both directions until both ended; a reset either way ends both at once.
+
+    ``explain`` runs when the remote side ends, before the client is told (EOF or close).
+    """
+    tasks = {
+        asyncio.ensure_future(_pipe(reader, remote_writer)),
+        asyncio.ensure_future(_pipe(remote_reader, writer, explain)),
+    }
     try:
         while tasks:
             done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -165,20 +183,28 @@ async def _splice(
         writer.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, before_end: Callable[[], Awaitable[None]] | None = None
+) -> bool:
     """Copy until EOF, then half-close (ssh and scp rely on EOF travelling each way).
 
     True: a clean end; False: a reset or error.
     """
+    clean = True
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-        return True
     except (ConnectionError, OSError):
-        return False
+        clean = False
+    if before_end is not None:
+        await before_end()
+    if clean and writer.can_write_eof() and not writer.is_closing():
+        try:
+            writer.write_eof()
+        except (ConnectionError, OSError):
+            clean = False
+    return clean
 
 
 Announce = Callable[[Reply], None]

@@ -26,10 +26,12 @@ from localproxy.connect.plan import (
 )
 from localproxy.errors import (
     ConfigError,
+    ConnectionFailedError,
     DeviceNotConnectedError,
     LocalProxyError,
     TunnelClosedError,
 )
+from localproxy.events import Connected, Disconnected
 from localproxy.ops.logs import register_secret
 from localproxy.proxy.local_proxy import LocalProxy
 from localproxy.tokens.source import generate_client_token
@@ -59,8 +61,11 @@ class ThingSource:
         self.tunnel: TunnelView | None = None
         self.proxy: LocalProxy | None = None
         self.fatal: LocalProxyError | None = None  # the proxy stopped for good
+        self.last_error: LocalProxyError | None = None  # why the last proxy stopped
         self._published = False  # a destination token is out and the device has not connected yet
         self._setup = asyncio.Lock()
+        self._session_up = False  # the source's websocket is connected now
+        self._changed = asyncio.Event()  # set on every session or fatal change
         # Called when the source proxy stops by itself (``error``: why, None: it ended).
         self.on_stopped: Callable[[LocalProxyError | None], None] = lambda error: None
 
@@ -136,6 +141,7 @@ class ThingSource:
         )  # fmt: skip
         # A client token of our own: the proxy can reconnect after a drop with the same access token.
         proxy = LocalProxy(config, client_token=generate_client_token(), name=self.tunnel.tunnel_id)
+        proxy.subscribe(self._on_event)
         proxy.start()
         try:
             await asyncio.wait_for(asyncio.shield(proxy.ready), READY_TIMEOUT)
@@ -172,6 +178,31 @@ class ThingSource:
             await asyncio.sleep(delay)
             view = await asyncio.to_thread(control.describe, tunnel.tunnel_id)
 
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, (Connected, Disconnected)):
+            self._session_up = isinstance(event, Connected)
+            self._changed.set()
+
+    async def why_dropped(self, timeout: float) -> LocalProxyError | None:
+        """After a connection ended: None if the source's session is up (the far end closed it);
+        else wait (bounded) to learn whether the proxy stopped for good (its error) or
+        reconnected (the connection was lost with the old session)."""
+        await asyncio.sleep(0)  # let the proxy's own events about this drop arrive first
+        if self._session_up and self.proxy is not None:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._session_up and self.proxy is not None and self.fatal is None:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            pass
+        if self.fatal is not None:
+            return self.fatal
+        if self.proxy is None and self.last_error is not None:
+            return self.last_error
+        return ConnectionFailedError("the connection was lost when the source's websocket dropped: run the command again")
+
     async def _watch(self, proxy: LocalProxy) -> None:
         error: LocalProxyError | None = None
         try:
@@ -188,6 +219,8 @@ class ThingSource:
             self.fatal = error  # e.g. our token revoked: another proxy took the tunnel over
         if error is not None:
             log.error("the source proxy stopped: %s", error)
+        self.last_error = error
+        self._changed.set()
         self.on_stopped(error)
 
     async def _drop_proxy(self, proxy: LocalProxy) -> None:
