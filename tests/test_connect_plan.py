@@ -7,7 +7,14 @@ import datetime
 import pytest
 
 from localproxy.connect.attach import MAX_LINE, Reply, Request
-from localproxy.connect.plan import Next, TunnelView, choose_tunnel, next_step, not_connected_advice, poll_delays
+from localproxy.connect.plan import (
+    Next,
+    TunnelView,
+    choose_tunnel,
+    next_step,
+    not_connected_advice,
+    poll_delays,
+)
 
 
 def view(tid: str, *, open: bool = True, thing: str = "dev", services: tuple[str, ...] = ("SSH",),
