@@ -56,19 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
         return ExitCode.OK
 
-    setup_logging(parsed.verbosity, log_format=parsed.log_format)
+    stdio = parsed.stdio_service is not None
+    # --stdio: standard output carries the connection's bytes, so every log line goes to stderr.
+    setup_logging(parsed.verbosity, sys.stderr if stdio else None, log_format=parsed.log_format)
     for level, message in parsed.log_messages:
         log.log(level, "%s", message)
     assert parsed.config is not None
     defer_unused_imports()
     try:
         from localproxy.ops.operations import OpsOptions
-        from localproxy.serve import run_proxy
+        from localproxy.serve import run_proxy, run_stdio
     except ImportError as exc:
         log.critical("The proxy engine (localproxy.proxy.local_proxy) cannot be loaded: %s", exc)
         return ExitCode.INTERNAL
     try:
         operations = OpsOptions(parsed.metrics_port, parsed.metrics_bind)
+        if parsed.stdio_service is not None:
+            return int(run_program(run_stdio(parsed.config, parsed.stdio_service, operations)))
         return int(run_program(run_proxy(parsed.config, operations)))
     except KeyboardInterrupt:
         return ExitCode.OK

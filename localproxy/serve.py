@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.errors import LocalProxyError
 from localproxy.events import Connected, Disconnected, ErrorEvent, TunnelReady
+from localproxy.local.stdio import relay_stdio
 from localproxy.ops.operations import Operations, OpsOptions, proxy_status
 from localproxy.ops.runtime import stop_on_signals
 from localproxy.proxy.local_proxy import LocalProxy
 
-__all__ = ["run_proxy", "serve_proxy"]
+__all__ = ["run_proxy", "run_stdio", "serve_proxy"]
 
 logger = logging.getLogger("localproxy.proxy")
 
@@ -71,3 +72,43 @@ async def run_proxy(config: ProxyConfig, operations: OpsOptions | None = None) -
     except LocalProxyError as error:
         logger.error("%s", error)  # its message is written for the user
         return error.exit_code
+
+
+async def run_stdio(config: ProxyConfig, service: str, operations: OpsOptions | None = None) -> int:
+    """``--stdio``: one connection to ``service`` over stdin/stdout, then exit.
+
+    Exit 0 when either side ends (stdin closed, the far end closed, SIGINT/SIGTERM);
+    a fatal error of the proxy (refused token, closed tunnel, unknown service...)
+    ends it with that error's exit code.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        with stop_on_signals(stop):
+            proxy = LocalProxy(config)
+            async with serve_proxy(operations or OpsOptions(), proxy), proxy:
+                closed = loop.create_task(proxy.wait_closed())
+                stopping = loop.create_task(stop.wait())
+                ready = loop.create_task(_ready(proxy))
+                try:
+                    await asyncio.wait({closed, stopping, ready}, return_when=asyncio.FIRST_COMPLETED)
+                    if ready.done() and not ready.cancelled() and ready.exception() is None:
+                        reader, writer = await proxy.open_connection(service or None)
+                        relay = loop.create_task(relay_stdio(reader, writer), name="stdio-relay")
+                        await asyncio.wait({closed, stopping, relay}, return_when=asyncio.FIRST_COMPLETED)
+                        relay.cancel()
+                        await asyncio.gather(relay, return_exceptions=True)
+                    # A proxy that stopped (its fatal error also ended the connection) says why.
+                    if proxy.stopped or (ready.done() and not ready.cancelled() and ready.exception()):
+                        await closed  # raises the fatal error, if any
+                    return 0
+                finally:
+                    for task in (closed, stopping, ready):
+                        task.cancel()
+    except LocalProxyError as error:
+        logger.error("%s", error)
+        return error.exit_code
+
+
+async def _ready(proxy: LocalProxy) -> None:
+    await proxy.ready

@@ -22,6 +22,7 @@ from localproxy.config.mappings import (
     read_config_dir,
     validate_host,
     validate_path,
+    validate_service_id,
 )
 from localproxy.config.options import RawOptions, parse_argv, read_config_file
 from localproxy.config.proxy_config import ProxyConfig
@@ -29,7 +30,7 @@ from localproxy.config.settings_json import load_settings_json
 from localproxy.errors import UsageError
 from localproxy.ops.logs import LOG_FORMATS, register_secret
 from localproxy.settings import Settings
-from localproxy.types import V1_SERVICE, Mode, ServiceEndpoint, ServiceTarget
+from localproxy.types import V1_SERVICE, InProcess, Mode, ServiceEndpoint, ServiceTarget
 
 ENV_ACCESS_TOKEN = "AWSIOT_TUNNEL_ACCESS_TOKEN"
 ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"
@@ -70,6 +71,9 @@ class ParsedCommand:
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
     log_format: str = "reference"
+    # --stdio SERVICE: the service id of the one connection over stdin/stdout
+    # ("" = the tunnel's only service); None without --stdio.
+    stdio_service: str | None = None
 
 
 class _Layers:
@@ -139,7 +143,8 @@ def parse_command_line(
     client_token = _client_token(layers)
     endpoint, region = _endpoint_and_region(region_source, region_or_endpoint, settings, notes)
     https_proxy = https_proxy_from_environment(environ, notes)
-    mode, services, optional = _mode_and_services(layers, cwd, notes)
+    stdio_service = _stdio_service(layers)
+    mode, services, optional = _mode_and_services(layers, cwd, notes, stdio_service)
 
     bind_address = layers.text("local-bind-address")
     if bind_address is not None:
@@ -171,13 +176,14 @@ def parse_command_line(
         rotate_on_reject=_rotate_on_reject(layers),
         max_rotations=_max_rotations(layers),
         optional_services=optional,
+        listen_unmapped=stdio_service is None,
     )
     metrics_port, metrics_bind, log_format = operations_options(
         layers.text("metrics-port"), layers.text("metrics-bind"), layers.text("log-format")
     )
     return ParsedCommand(
         config=config, verbosity=verbosity, log_messages=tuple(notes),
-        metrics_port=metrics_port, metrics_bind=metrics_bind, log_format=log_format,
+        metrics_port=metrics_port, metrics_bind=metrics_bind, log_format=log_format, stdio_service=stdio_service,
     )
 
 
@@ -332,8 +338,18 @@ def https_proxy_from_environment(environ: Mapping[str, str], notes: Notes) -> st
     return value
 
 
+def _stdio_service(layers: _Layers) -> str | None:
+    service = layers.text("stdio")
+    if service:
+        try:
+            validate_service_id(service)
+        except UsageError as exc:
+            raise UsageError(f"Invalid service ID for --stdio '{service}': {exc}") from None
+    return service
+
+
 def _mode_and_services(
-    layers: _Layers, cwd: str | None, notes: Notes
+    layers: _Layers, cwd: str | None, notes: Notes, stdio: str | None = None
 ) -> tuple[Mode, dict[str, ServiceTarget], frozenset[str]]:
     source_ports = layers.text("source-listen-port")
     destination_apps = layers.text("destination-app")
@@ -345,7 +361,9 @@ def _mode_and_services(
         mode = _MODES[mode_text]
     if source_ports is not None and destination_apps is not None:
         raise UsageError("Must specify one and only one of --source-listen-port/-s or --destination-app/-d")
-    if source_ports is None and destination_apps is None and mode_text is None:
+    if stdio is not None and mode is Mode.DESTINATION:
+        raise UsageError("--stdio works in source mode only: it cannot be used with -d or --mode dst")
+    if source_ports is None and destination_apps is None and mode_text is None and stdio is None:
         raise UsageError("Must specify one of --source-listen-port/-s or --destination-app/-d or --mode")
     if source_ports is not None and mode_text is not None and mode is Mode.DESTINATION:
         raise UsageError("-s and --mode have mismatched mode. Mode is set to destination!")
@@ -359,8 +377,15 @@ def _mode_and_services(
     elif destination_apps is not None:
         services, mapping_notes = parse_mapping(destination_apps, mode, "--destination-app")
         notes.extend(mapping_notes)
+    if stdio is not None:
+        if stdio in services:
+            raise UsageError(f"Service {stdio or '(unnamed)'} is given both to --stdio and to -s: give it to one")
+        services[stdio] = InProcess()
 
     explicit_dir = layers.text("config-dir")
+    if stdio is not None and explicit_dir is None:
+        # No implicit ./config with --stdio: its mappings would open ports nobody asked for.
+        return mode, services, frozenset()
     config_dir = explicit_dir if explicit_dir is not None else os.path.join(cwd or os.getcwd(), "config")
     if V1_SERVICE in services:
         notes.append((logging.DEBUG, "v2 local proxy starts with v1 local proxy format"))

@@ -150,6 +150,16 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "Serve Prometheus metrics on http://BIND:PORT/metrics (needs localproxy[metrics]; 0 picks a port)",
     ),
     OptionSpec("metrics-bind", None, True, "Address the metrics server listens on", default_text="127.0.0.1"),
+    # Beyond the reference: a source without a TCP port (issue 19).
+    OptionSpec(
+        "stdio",
+        None,
+        True,
+        "Source mode: carry one connection to service SERVICE over standard input/output "
+        "(e.g. an ssh ProxyCommand), no listening port; logs go to standard error; exits when "
+        "either side ends. Example: --stdio SSH",
+        in_config_file=False,
+    ),
     OptionSpec("log-format", None, True, "Log lines: reference or json (one JSON object per line)",
                default_text="reference"),
 )

@@ -134,6 +134,11 @@ class LocalProxy:
         return self._ready
 
     @property
+    def stopped(self) -> bool:
+        """True once the proxy stopped (closed, or a fatal error: ``wait_closed()`` raises it)."""
+        return self._task is not None and self._task.done()
+
+    @property
     def ports(self) -> dict[str, int]:
         """Source mode: service id (as in the tunnel; "" without services) -> bound port."""
         return dict(self._engine.ports)
