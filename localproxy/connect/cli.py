@@ -104,7 +104,7 @@ def say(text: str) -> None:
 
 
 async def connect(args: argparse.Namespace) -> int:
-    from localproxy.connect._compat import relay_stdio
+    from localproxy.local.stdio import relay_stdio
 
     request = Request(args.service, args.wait, args.close_on_exit)
     if not SHARING:
@@ -240,8 +240,8 @@ def _status_since(paths: SharedPaths, started: float) -> int:
 
 async def _connect_here(args: argparse.Namespace, request: Request) -> int:
     """No Unix sockets (Windows): a source of our own, in this process, for this one connection."""
-    from localproxy.connect._compat import relay_stdio
     from localproxy.connect.source import SourceOptions, ThingSource
+    from localproxy.local.stdio import relay_stdio
 
     source = ThingSource(SourceOptions(args.thing, args.region, args.proxy_endpoint, os.environ.get("AWS_ENDPOINT_URL"), args.tunnel_minutes))
     try:
