@@ -73,6 +73,10 @@ class Device:
     emu: Emulator
     thing: str
     ssh_port: int
+    services: dict[str, DestinationTarget] = field(default_factory=dict)  # what the agent serves
+
+    def __post_init__(self) -> None:
+        self.services = self.services or {"SSH": DestinationTarget("127.0.0.1", self.ssh_port)}
 
     @contextlib.asynccontextmanager
     async def agent(self) -> AsyncIterator[DeviceAgent]:
@@ -81,7 +85,7 @@ class Device:
         mqtt = MqttSettings.parse(self.emu.mqtt_url, retry_delay_ms=50, max_retry_delay_ms=200)
         subscribed = asyncio.Event()
         agent = DeviceAgent(
-            self.thing, mqtt, {"SSH": DestinationTarget("127.0.0.1", self.ssh_port)},
+            self.thing, mqtt, self.services,
             endpoint=self.emu.data_url, proxy_settings=FAST,
         )  # fmt: skip
         agent.subscribe(lambda event: isinstance(event, MqttConnected) and subscribed.set())

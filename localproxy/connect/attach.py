@@ -4,7 +4,9 @@ Over the private Unix socket, the client sends one JSON line (the request); the 
 answers with JSON lines: any number of ``{"say": TEXT}`` (progress, for stderr), then
 ``{"ok": true}`` followed by the raw bytes of the connection, or ``{"error": TEXT,
 "code": N}`` and the end. JSON lines keep it readable and extensible; after "ok" there
-is no framing, so the stream costs nothing per byte.
+is no framing, so the stream costs nothing per byte: the server hands the socket itself to
+the source proxy. When the connection has ended, the client may ask why on a new link with
+``{"v": 1, "why": true}``: the answer is ``{"ok": true}`` (a normal end) or the error.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ class Request:
     service: str
     wait: float
     close_on_exit: bool = False
+    why: bool = False  # not a connection: why did my connection end?
 
     def encode(self) -> bytes:
+        if self.why:
+            return json.dumps({"v": VERSION, "why": True}).encode() + b"\n"
         body = {"v": VERSION, "service": self.service, "wait": self.wait, "close_on_exit": self.close_on_exit}
         return json.dumps(body).encode() + b"\n"
 
@@ -31,6 +36,8 @@ class Request:
     def decode(cls, line: bytes) -> "Request":
         """Raises ValueError on anything but a well-formed request."""
         body = _object(line)
+        if body.get("v") == VERSION and body.get("why") is True:
+            return cls("", 0.0, why=True)
         service, wait = body.get("service"), body.get("wait")
         if body.get("v") != VERSION or not isinstance(service, str) or not service:
             raise ValueError("bad request")

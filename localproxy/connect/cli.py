@@ -142,7 +142,7 @@ async def connect(args: argparse.Namespace) -> int:
         else:
             break
     await relay_stdio(reader, writer)
-    return _status_since(paths, started)
+    return await _why_ended(paths, started)
 
 
 async def _attach(paths: SharedPaths) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -226,8 +226,24 @@ class _Failed(LocalProxyError):
         self.exit_code = code
 
 
-def _status_since(paths: SharedPaths, started: float) -> int:
-    """Why the source ended our connection, if it did (it writes the status file first)."""
+async def _why_ended(paths: SharedPaths, started: float) -> int:
+    """Ask the shared source why our connection ended: 0 for a normal end, else the error's code."""
+    link = await _attach(paths)
+    if link is not None:
+        reader, writer = link
+        try:
+            writer.write(Request("", 0, why=True).encode())
+            reply = Reply.decode(await reader.readline())
+        except (ConnectionError, ValueError):
+            reply = Reply(ok=True)  # it went away meanwhile: see its status file below
+        finally:
+            writer.close()
+        if reply.error is not None:
+            say(f"connection ended: {reply.error}")
+            return reply.code
+        if reply.ok:
+            return ExitCode.OK
+    # The source has stopped: it wrote why first.
     try:
         status = json.loads(paths.status.read_text(encoding="utf-8"))
         if float(status["time"]) >= started:

@@ -73,6 +73,15 @@ class ThingSource:
         self, service: str, wait: float, say: Say
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to ``service`` on the thing; sets up the tunnel and waits for the device first."""
+        proxy = await self.ready_for(service, wait, say)
+        return await proxy.open_connection(service)
+
+    def active_connections(self) -> int:
+        proxy = self.proxy
+        return sum(proxy.stats().active_connections.values()) if proxy is not None else 0
+
+    async def ready_for(self, service: str, wait: float, say: Say) -> LocalProxy:
+        """The source proxy, its tunnel set up and the device connected, for ``service``."""
         for attempt in range(2):  # a tunnel closed under us: once more on a new one
             async with self._setup:
                 proxy, tunnel = await self._ensure_source(service, say)
@@ -84,7 +93,7 @@ class ThingSource:
                 say(f"tunnel {tunnel.tunnel_id} was closed: starting again")
                 await self._drop_proxy(proxy)
                 continue
-            return await proxy.open_connection(service)
+            return proxy
         raise AssertionError("unreachable")
 
     async def close(self, close_tunnel: bool = False) -> None:

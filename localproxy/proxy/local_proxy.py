@@ -221,6 +221,21 @@ class LocalProxy:
         theirs.setblocking(True)
         return theirs
 
+    async def attach_socket(self, sock: socket.socket, service: str | None = None) -> None:
+        """Serve an already-connected stream socket as a new connection to ``service``.
+
+        For a program that accepted the socket itself (``localproxy connect``'s shared
+        source hands over each attached Unix-socket client): the proxy reads and writes
+        it directly, with no copy through another socket pair, and closes it at the end.
+        Same checks and errors as :meth:`open_connection`; on an error ``sock`` is closed.
+        """
+        try:
+            service_id = self._check_open(service)
+            await self._engine.attach(service_id, sock)
+        except BaseException:
+            sock.close()
+            raise
+
     async def _open_socket(self, service: str | None) -> socket.socket:
         service_id = self._check_open(service)
         ours, theirs = socket_pair()
