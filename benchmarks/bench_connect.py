@@ -172,8 +172,13 @@ async def tcp_stream(port: int) -> Stream:
 
 
 async def stdio_stream(rig: ConnectRig, service: str) -> Stream:
+    return await process_stream(rig.command(service=service), rig.env)
+
+
+async def process_stream(command: list[str], env: dict[str, str]) -> Stream:
+    """A child whose stdin/stdout carry the connection."""
     process = await asyncio.create_subprocess_exec(
-        *rig.command(service=service), env=rig.env, stdin=asyncio.subprocess.PIPE,
+        *command, env=env, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, limit=1 << 20,
     )  # fmt: skip
     assert process.stdin is not None and process.stdout is not None
@@ -194,8 +199,16 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
 
-async def run(runs: int, mib: int, echoes: int) -> dict[str, Any]:
+async def run(runs: int, mib: int, echoes: int, parts: str = "all") -> dict[str, Any]:
     results: dict[str, Any] = {}
+    if parts in ("all", "latency"):
+        await latency(results, runs)
+    if parts in ("all", "throughput"):
+        await throughput(results, runs, mib, echoes)
+    return results
+
+
+async def latency(results: dict[str, Any], runs: int) -> None:
     async with device("bench-ssh") as dev:
         rig = ConnectRig(dev)
         try:
@@ -208,6 +221,8 @@ async def run(runs: int, mib: int, echoes: int) -> dict[str, Any]:
         finally:
             await rig.cleanup()
 
+
+async def throughput(results: dict[str, Any], runs: int, mib: int, echoes: int) -> None:
     sink = await asyncio.start_server(sink_app, "127.0.0.1", 0)
     echo = await asyncio.start_server(echo_app, "127.0.0.1", 0)
     async with sink, echo, device("bench-raw", agent=False) as dev:
@@ -227,6 +242,19 @@ async def run(runs: int, mib: int, echoes: int) -> dict[str, Any]:
             finally:
                 await proxy.stop()
             await dev.emu.wait_disconnected(opened["tunnelId"], "source", timeout=TIMEOUT)
+            tunnel_id = opened["tunnelId"]
+
+            async def plain_stdio(service: str) -> Stream:
+                """``localproxy --stdio SERVICE`` with a fresh source token: one proxy, no sharing."""
+                await dev.emu.wait_disconnected(tunnel_id, "source", timeout=TIMEOUT)
+                rotated = await call(api.rotate_tunnel_access_token, tunnelId=tunnel_id, clientMode="SOURCE")
+                env = {**os.environ, "AWSIOT_TUNNEL_ACCESS_TOKEN": rotated["sourceAccessToken"]}
+                return await process_stream([sys.executable, "-m", "localproxy", "--stdio", service,
+                                             "-e", dev.emu.data_url, "-v", "1"], env)  # fmt: skip
+
+            results["plain_bytes"] = statistics.median([await bulk(await plain_stdio("SINK"), mib) for _ in range(runs)])
+            results["plain_echo"] = await echo_p50(await plain_stdio("ECHO"), echoes) * 1e6
+            await dev.emu.wait_disconnected(tunnel_id, "source", timeout=TIMEOUT)
             rig = ConnectRig(dev)
             try:
                 await echo_p50(await stdio_stream(rig, "ECHO"), 10)  # starts the shared source
@@ -236,10 +264,19 @@ async def run(runs: int, mib: int, echoes: int) -> dict[str, Any]:
                 results["stdio_echo"] = await echo_p50(await stdio_stream(rig, "ECHO"), echoes) * 1e6
             finally:
                 await rig.cleanup()
-    return results
 
 
 def report(r: dict[str, Any]) -> None:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT MET"
+
+    if "direct" in r:
+        latency_report(r)
+    if "tcp_bytes" in r:
+        throughput_report(r)
+
+
+def latency_report(r: dict[str, Any]) -> None:
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT MET"
 
@@ -249,12 +286,18 @@ def report(r: dict[str, Any]) -> None:
     print(f"  connect, first (opens the tunnel)     {r['first']:8.1f}   goal <= 3000 ms: {verdict(r['first'] <= 3000)}")
     print(f"  connect, repeat (reuses it)           {r['repeat']:8.1f}   +{r['repeat'] - r['direct']:.1f} ms over direct, "
           f"goal <= 300: {verdict(r['repeat'] - r['direct'] <= 300)}")  # fmt: skip
+
+
+def throughput_report(r: dict[str, Any]) -> None:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT MET"
+
     ratio = r["stdio_bytes"] / r["tcp_bytes"]
-    print("\nThrough the tunnel                     TCP source   connect stdio   ratio")
-    print(f"  bulk, MB/s                            {r['tcp_bytes'] / 1e6:10.1f}   {r['stdio_bytes'] / 1e6:13.1f}   "
-          f"{ratio:.2f}  goal >= 0.80: {verdict(ratio >= 0.8)}")  # fmt: skip
-    print(f"  echo p50 (64 B), us                   {r['tcp_echo']:10.0f}   {r['stdio_echo']:13.0f}   "
-          f"{r['stdio_echo'] / r['tcp_echo']:.2f}x")  # fmt: skip
+    print("\nThrough the tunnel        TCP source (-s)   --stdio   connect stdio   connect/TCP")
+    print(f"  bulk, MB/s              {r['tcp_bytes'] / 1e6:15.1f}   {r['plain_bytes'] / 1e6:7.1f}   "
+          f"{r['stdio_bytes'] / 1e6:13.1f}   {ratio:11.2f}  goal >= 0.80: {verdict(ratio >= 0.8)}")  # fmt: skip
+    print(f"  echo p50 (64 B), us     {r['tcp_echo']:15.0f}   {r['plain_echo']:7.0f}   "
+          f"{r['stdio_echo']:13.0f}   {r['stdio_echo'] / r['tcp_echo']:10.2f}x")  # fmt: skip
 
 
 def main() -> None:
@@ -266,10 +309,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--echoes", type=int, default=2000)
+    parser.add_argument("--parts", choices=("all", "latency", "throughput"), default="all")
     args = parser.parse_args()
     if args.short:
         args.runs, args.mib, args.echoes = 2, 16, 200
-    report(asyncio.run(run(args.runs, args.mib, args.echoes)))
+    report(asyncio.run(run(args.runs, args.mib, args.echoes, args.parts)))
 
 
 if __name__ == "__main__":
