@@ -95,9 +95,12 @@ class Device:
 
 
 @contextlib.asynccontextmanager
-async def device(thing: str = "device-42", agent: bool = True) -> AsyncIterator[Device]:
-    """The emulator (with MQTT), an SSH server and, with ``agent``, our agent serving it as SSH."""
-    async with Emulator(port=0, mqtt=True) as emu, ssh_server() as port:
+async def device(thing: str = "device-42", agent: bool = True, ssh_port: int | None = None) -> AsyncIterator[Device]:
+    """The emulator (with MQTT), an SSH server (asyncssh, or the one on ``ssh_port``) and,
+    with ``agent``, our agent serving it as SSH."""
+    async with contextlib.AsyncExitStack() as stack:
+        emu = await stack.enter_async_context(Emulator(port=0, mqtt=True))
+        port = ssh_port if ssh_port is not None else await stack.enter_async_context(ssh_server())
         dev = Device(emu, thing, port)
         if not agent:
             yield dev

@@ -6,11 +6,15 @@ whose stdin/stdout carry an asyncssh (or OpenSSH) client connection.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
 import shlex
 import shutil
+import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -131,10 +135,83 @@ async def test_openssh_client_with_connect_as_its_proxycommand(rig: ConnectRig) 
     assert await tunnel_count(rig.dev.emu, rig.dev.thing) == 1
 
 
-@pytest.mark.skipif(
-    shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd"), reason="no OpenSSH sshd"
-)
-async def test_openssh_to_a_real_sshd_behind_the_agent(tmp_path: object) -> None:
-    from connect_rig import openssh_through_sshd
+SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.path.exists(p)), None)
 
-    await openssh_through_sshd()
+
+async def start_sshd(directory: Path) -> tuple[asyncio.subprocess.Process, int, Path]:
+    """A real OpenSSH sshd on 127.0.0.1 for this user, key login only -> (process, port, user key)."""
+    assert SSHD is not None
+    for name in ("host_key", "user_key"):
+        keygen = await asyncio.create_subprocess_exec(
+            "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await asyncio.wait_for(keygen.wait(), 30) == 0
+    (directory / "authorized_keys").write_text((directory / "user_key.pub").read_text())
+    with socket.socket() as probe:  # a free port (sshd cannot pick one and tell us)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (directory / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\n"
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPidFile {directory / 'sshd.pid'}\n"
+        "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PubkeyAuthentication yes\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        SSHD, "-D", "-e", "-f", str(directory / "sshd_config"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    async with asyncio.timeout(30):
+        while b"Server listening" not in (line := await process.stderr.readline()):
+            if not line:
+                raise AssertionError("sshd did not start")
+    return process, port, directory / "user_key"
+
+
+@pytest.mark.skipif(SSHD is None or shutil.which("ssh") is None, reason="needs OpenSSH ssh and sshd")
+async def test_openssh_to_a_real_sshd_behind_the_agent_with_scp_beside_ssh() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="lpc-sshd-"))
+    sshd, port, key = await start_sshd(directory)
+    try:
+        async with device(ssh_port=port) as dev:
+            rig = ConnectRig(dev)
+            try:
+                proxy = shlex.join([sys.executable, "-m", "localproxy.connect", "%h", "SSH", "-e", dev.emu.data_url])
+                options = ["-F", "none", "-i", str(key), "-o", f"ProxyCommand={proxy}", "-o", "BatchMode=yes",
+                           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                           "-o", "LogLevel=ERROR"]  # fmt: skip
+                user = getpass.getuser()
+
+                async def run(*command: str) -> tuple[int, bytes]:
+                    process = await asyncio.create_subprocess_exec(
+                        *command, env=rig.env, stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                    )  # fmt: skip
+                    try:
+                        out, _ = await asyncio.wait_for(process.communicate(), 60)
+                    finally:
+                        if process.returncode is None:
+                            process.kill()
+                            await process.wait()
+                    return int(process.returncode or 0), out
+
+                assert await run("ssh", *options, f"{user}@{dev.thing}", "echo one") == (0, b"one\n")
+                payload = directory / "payload"
+                payload.write_bytes(os.urandom(1 << 20))
+                copy = directory / "copy"
+                # ssh and scp at once, sharing the one tunnel.
+                ssh_result, scp_result = await asyncio.gather(
+                    run("ssh", *options, f"{user}@{dev.thing}", "sleep 1; echo two"),
+                    run("scp", *options, str(payload), f"{user}@{dev.thing}:{copy}"),
+                )
+                assert ssh_result == (0, b"two\n") and scp_result[0] == 0, (ssh_result, scp_result)
+                assert copy.read_bytes() == payload.read_bytes()
+                assert await run("ssh", *options, f"{user}@{dev.thing}", "echo three") == (0, b"three\n")
+                assert await tunnel_count(dev.emu, dev.thing) == 1
+            finally:
+                await rig.cleanup()
+    finally:
+        sshd.terminate()
+        await asyncio.wait_for(sshd.wait(), 30)
+        shutil.rmtree(directory, ignore_errors=True)
