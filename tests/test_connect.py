@@ -104,6 +104,17 @@ async def test_reuses_a_tunnel_opened_elsewhere_and_republishes_the_token_to_a_d
             await rig.cleanup()
 
 
+async def test_no_share_runs_a_source_of_its_own_in_process_with_the_stdlib_loop(rig: ConnectRig) -> None:
+    """The path Windows takes (no Unix sockets): no shared server, one connection, same result."""
+    async with rig.ssh("--no-share", "--close-on-exit") as (conn, err):
+        assert (await conn.run("echo alone", check=True)).stdout == b"alone\n"
+        assert rig.server_pids() == []
+    code = await asyncio.wait_for(rig.last_process.wait(), 20)
+    assert code == 0, b"".join(err)
+    assert "Traceback" not in b"".join(err).decode()
+    assert await tunnel_count(rig.dev.emu, rig.dev.thing, "CLOSED") == 1
+
+
 async def test_openssh_client_with_connect_as_its_proxycommand(rig: ConnectRig) -> None:
     ssh = shutil.which("ssh")
     if ssh is None:

@@ -27,7 +27,8 @@ from localproxy.errors import ConfigError, ExitCode, LocalProxyError, UsageError
 PROG = "localproxy connect"
 TRY_HELP = f"Try '{PROG} --help' for more information."
 START_TIMEOUT = 20.0  # the shared server's start (imports, socket), not the device's wait
-LOCK_TIMEOUT = 60.0  # another connect starting the server and waiting for the device
+LOCK_TIMEOUT = 60.0
+DEFAULT_VERBOSITY = 4  # another connect starting the server and waiting for the device
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="close the tunnel when its last connection ends (default: keep it for reuse)")  # fmt: skip
     parser.add_argument("--idle-exit", type=_seconds, default=300.0, metavar="SECONDS",
                         help="the shared source exits after this long without a connection (default 300)")  # fmt: skip
-    parser.add_argument("-v", "--verbose", type=int, default=4, metavar="0..6",
+    parser.add_argument("--no-share", action="store_true",
+                        help="run a source of its own in this process for this one connection (always so "
+                        "where there are no Unix sockets, e.g. Windows); never takes a tunnel another source holds")  # fmt: skip
+    parser.add_argument("-v", "--verbose", type=int, default=DEFAULT_VERBOSITY, metavar="0..6",
                         help="log level of the shared source's log file (default 4: info)")  # fmt: skip
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the shared server itself
     return parser
@@ -107,7 +111,7 @@ async def connect(args: argparse.Namespace) -> int:
     from localproxy.local.stdio import relay_stdio
 
     request = Request(args.service, args.wait, args.close_on_exit)
-    if not SHARING:
+    if args.no_share or not SHARING:
         return await _connect_here(args, request)
     paths = shared_paths(args.thing, args.region, args.proxy_endpoint, os.environ.get("AWS_ENDPOINT_URL"))
     started = time.time()
@@ -276,14 +280,24 @@ async def _why_ended(paths: SharedPaths, started: float) -> int:
 
 
 async def _connect_here(args: argparse.Namespace, request: Request) -> int:
-    """No Unix sockets (Windows): a source of our own, in this process, for this one connection."""
+    """--no-share, or no Unix sockets (Windows): a source of our own, in this process, for this
+    one connection (the stdlib event loop and relay_stdio's thread fallback work everywhere)."""
+    from localproxy.connect.server import WHY_TIMEOUT
     from localproxy.connect.source import SourceOptions, ThingSource
     from localproxy.local.stdio import relay_stdio
+    from localproxy.ops.logs import setup_logging
 
-    source = ThingSource(SourceOptions(args.thing, args.region, args.proxy_endpoint, os.environ.get("AWS_ENDPOINT_URL"), args.tunnel_minutes))
+    setup_logging(args.verbose if args.verbose != DEFAULT_VERBOSITY else 3, sys.stderr)  # warnings, unless asked
+    api_url = os.environ.get("AWS_ENDPOINT_URL")
+    source = ThingSource(SourceOptions(args.thing, args.region, args.proxy_endpoint, api_url, args.tunnel_minutes))
     try:
         reader, writer = await source.open_connection(request.service, request.wait, say)
+        _widen_pipes()
         await relay_stdio(reader, writer)
+        error = await source.why_dropped(WHY_TIMEOUT)
     finally:
         await source.close(close_tunnel=args.close_on_exit)
+    if error is not None:
+        say(f"connection ended: {error}")
+        return error.exit_code
     return ExitCode.OK
