@@ -71,6 +71,9 @@ async def test_first_connect_opens_one_tunnel_that_concurrent_and_later_sessions
     assert await only_tunnel_id(rig) == tunnel_id
     assert rig.server_pids() == [server]
     assert emu.handshake_count(tunnel_id, "source") == 1
+    # The source token never shows: not in the shared source's log, not on stderr.
+    source_token = emu.tunnel(tunnel_id).tokens["source"].value
+    assert source_token not in rig.logs() and source_token not in said
     # Idle: the shared source exits; the tunnel stays open for the next connect.
     await rig.wait_servers_gone()
     assert await tunnel_count(emu, rig.dev.thing, "OPEN") == 1
