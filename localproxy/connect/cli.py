@@ -14,10 +14,11 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, NoReturn
 
 from localproxy.connect.attach import MAX_LINE, Reply, Request
@@ -28,6 +29,7 @@ PROG = "localproxy connect"
 TRY_HELP = f"Try '{PROG} --help' for more information."
 START_TIMEOUT = 20.0  # the shared server's start (imports, socket), not the device's wait
 LOCK_TIMEOUT = 60.0
+WHY_WAIT = 15.0  # the server's own bound (server.WHY_TIMEOUT) and some
 DEFAULT_VERBOSITY = 4  # another connect starting the server and waiting for the device
 
 
@@ -108,53 +110,91 @@ def say(text: str) -> None:
 
 
 async def connect(args: argparse.Namespace) -> int:
-    from localproxy.local.stdio import relay_stdio
-
     request = Request(args.service, args.wait, args.close_on_exit)
     if args.no_share or not SHARING:
         return await _connect_here(args, request)
     paths = shared_paths(args.thing, args.region, args.proxy_endpoint, os.environ.get("AWS_ENDPOINT_URL"))
     started = time.time()
-    link = await _attach(paths)
-    if link is None:
+    sock = _attach(paths)
+    if sock is None:
         lock = _StartLock(paths)
         await asyncio.to_thread(lock.acquire)
         try:
-            link = await _attach(paths)  # another connect may have started it meanwhile
-            if link is None:
+            sock = _attach(paths)  # another connect may have started it meanwhile
+            if sock is None:
                 await asyncio.to_thread(_start_server, args, paths)
-                link = await _attach(paths)
+                sock = _attach(paths)
         finally:
             lock.release()
-    if link is None:
+    if sock is None:
         raise ConfigError(f"the shared source did not answer on {paths.socket}: see {paths.log}")
-    reader, writer = link
-    writer.write(request.encode())
+    try:
+        # Blocking, in a thread: the reply lines are read exactly (no byte of the connection
+        # is taken with them), so the socket can then go to splice or to asyncio as it is.
+        sock.settimeout(args.wait + START_TIMEOUT)
+        reply = await asyncio.to_thread(_exchange, sock, request, paths, say)
+    except BaseException:
+        sock.close()
+        raise
+    if reply.error is not None:
+        sock.close()
+        say(reply.error)
+        return reply.code
+    await _relay(sock)
+    return await _why_ended(paths, started)
+
+
+async def _relay(sock: socket.socket) -> None:
+    from localproxy.connect.splice import can_splice, splice_stdio
+
+    _widen_pipes()
+    if can_splice():
+        await splice_stdio(sock)
+        return
+    from localproxy.local.stdio import relay_stdio
+
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    await relay_stdio(reader, writer)
+
+
+def _attach(paths: SharedPaths) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(paths.socket))
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None  # none yet, or a stale socket of a server that died
+
+
+def _exchange(sock: socket.socket, request: Request, paths: SharedPaths, progress: Callable[[str], None]) -> Reply:
+    """Send ``request``; pass progress lines on; -> the final reply (ok or error)."""
+    sock.sendall(request.encode())
     while True:
-        line = await reader.readline()
+        line = _recv_line(sock)
         if not line:
-            raise ConfigError(f"the shared source ended before the connection opened: see {paths.log}")
+            raise ConfigError(f"the shared source ended before answering: see {paths.log}")
         try:
             reply = Reply.decode(line)
         except ValueError:
             raise ConfigError(f"the shared source answered garbage: see {paths.log}") from None
-        if reply.say is not None:
-            say(reply.say)
-        elif reply.error is not None:
-            say(reply.error)
-            return reply.code
-        else:
-            break
-    _widen_pipes()
-    await relay_stdio(reader, writer)
-    return await _why_ended(paths, started)
+        if reply.say is None:
+            return reply
+        progress(reply.say)
 
 
-async def _attach(paths: SharedPaths) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    try:
-        return await asyncio.open_unix_connection(str(paths.socket), limit=MAX_LINE)
-    except (FileNotFoundError, ConnectionRefusedError):
-        return None  # none yet, or a stale socket of a server that died
+def _recv_line(sock: socket.socket) -> bytes:
+    """One line, and not a byte more (MSG_PEEK finds its end first)."""
+    data = b""
+    while len(data) <= MAX_LINE:
+        peek = sock.recv(MAX_LINE, socket.MSG_PEEK)
+        if not peek:
+            return data
+        end = peek.find(b"\n")
+        data += sock.recv(end + 1 if end >= 0 else len(peek))
+        if end >= 0:
+            return data
+    raise ConfigError("the shared source sent a line that is too long")
 
 
 class _StartLock:
@@ -253,16 +293,15 @@ def _widen_pipes() -> None:
 
 async def _why_ended(paths: SharedPaths, started: float) -> int:
     """Ask the shared source why our connection ended: 0 for a normal end, else the error's code."""
-    link = await _attach(paths)
-    if link is not None:
-        reader, writer = link
+    sock = _attach(paths)
+    if sock is not None:
         try:
-            writer.write(Request("", 0, why=True).encode())
-            reply = Reply.decode(await reader.readline())
-        except (ConnectionError, ValueError):
-            reply = Reply(ok=True)  # it went away meanwhile: see its status file below
+            sock.settimeout(WHY_WAIT)
+            reply = await asyncio.to_thread(_exchange, sock, Request("", 0, why=True), paths, say)
+        except (OSError, LocalProxyError):
+            reply = Reply()  # it went away meanwhile: see its status file below
         finally:
-            writer.close()
+            sock.close()
         if reply.error is not None:
             say(f"connection ended: {reply.error}")
             return reply.code
