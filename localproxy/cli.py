@@ -27,6 +27,10 @@ log = logging.getLogger("localproxy.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the proxy as the ``localproxy`` command would; returns the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["connect"]:  # ``localproxy connect THING SERVICE`` (no reference flag is a bare word)
+        from localproxy.connect.cli import main as connect_main
+
+        return connect_main(arguments[1:])
     try:
         parsed = parse_command_line(arguments, os.environ)
     # These messages never hold a token and must stay exact; redact() is the

@@ -19,6 +19,8 @@ class ExitCode:
     TUNNEL_CLOSED = 6  # the tunnel was closed or expired while connected
     CONNECTION_FAILED = 7  # gave up: retries exhausted (5xx, network, TLS)
     PROTOCOL = 8  # the service sent something that breaks the protocol
+    DEVICE_NOT_CONNECTED = 9  # connect: the device did not connect within --wait
+    CONTROL_API = 10  # connect: the control API failed (no credentials, access denied, unreachable)
     INTERNAL = 70  # a bug: please report it
 
 
@@ -110,3 +112,18 @@ class MissingExtraError(LocalProxyError):
     """A feature needs a package of an extra that is not installed; the message names the extra."""
 
     exit_code = ExitCode.USAGE
+
+
+class DeviceNotConnectedError(LocalProxyError):
+    """``localproxy connect``: the thing's destination did not connect within the wait.
+
+    Secure Tunneling does not know which things exist, so an unknown thing name ends here too.
+    """
+
+    exit_code = ExitCode.DEVICE_NOT_CONNECTED
+
+
+class ControlApiError(LocalProxyError):
+    """``localproxy connect``: a control-plane call failed (credentials, permissions, network)."""
+
+    exit_code = ExitCode.CONTROL_API
