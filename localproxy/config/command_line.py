@@ -30,6 +30,7 @@ from localproxy.config.paths import socket_directory_problem
 from localproxy.config.proxy_config import ProxyConfig
 from localproxy.config.settings_json import load_settings_json
 from localproxy.errors import ConfigError, UsageError
+from localproxy.ops.files import ca_directory_problem
 from localproxy.ops.logs import LOG_FORMATS, register_secret
 from localproxy.settings import Settings
 from localproxy.types import (
@@ -183,6 +184,10 @@ def parse_command_line(
         validate_path(capath, "CA path")
         if not os.path.exists(capath):
             raise UsageError(f"CA path '{capath}' (--capath) does not exist")
+        if os.path.isdir(capath):
+            problem = ca_directory_problem(capath)
+            if problem is not None:
+                raise ConfigError(f"CA path '{capath}' (--capath) {problem}")
     verify_ssl = not layers.flag("no-ssl-host-verify")
     if not verify_ssl:
         notes.append((logging.WARNING, INSECURE_WARNING))

@@ -14,12 +14,15 @@ and at most ``limit`` bytes are read. Anything else is an
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 from localproxy.errors import ConfigError
 
 __all__ = [
+    "MAX_CA_ENTRIES",
     "MAX_CONFIG_BYTES",
+    "ca_directory_problem",
     "MAX_SMALL_FILE_BYTES",
     "UnsuitableFile",
     "check_regular_file",
@@ -114,3 +117,36 @@ def read_user_text(path: str, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"Cannot read {what} {path}: not UTF-8 text (byte {error.start})") from None
+
+
+# OpenSSL's hashed CA directory (``-c``/``--capath``): ``<8 hex>.<n>`` certificates and
+# ``<8 hex>.r<n>`` CRLs, opened during a TLS handshake, in the event loop.
+_CA_NAME = re.compile(r"^[0-9a-fA-F]{8}\.r?[0-9]+$")
+MAX_CA_ENTRIES = 10_000  # a CA directory holds hundreds; look no further
+
+
+def ca_directory_problem(path: str) -> str | None:
+    """Why OpenSSL could block or fill memory reading the CA directory ``path`` (None: fine).
+
+    A FIFO or a device named like a certificate hash would block the handshake, and
+    with it the whole event loop (SIGTERM included), when OpenSSL opens it.
+    """
+    try:
+        entries = os.scandir(path)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    with entries:
+        for count, entry in enumerate(entries):
+            if count >= MAX_CA_ENTRIES:
+                return None
+            if not _CA_NAME.match(entry.name):
+                continue
+            try:
+                st = os.stat(entry.path)  # follows symlinks, as OpenSSL does
+            except OSError:
+                continue  # a dangling link: OpenSSL skips it too
+            if not stat.S_ISREG(st.st_mode):
+                return f"holds {entry.name!r}, which is {file_kind(st.st_mode)}, not a certificate file"
+            if st.st_size > MAX_CONFIG_BYTES:
+                return f"holds {entry.name!r}, which is over {MAX_CONFIG_BYTES:,} bytes"
+    return None
