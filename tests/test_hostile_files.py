@@ -38,29 +38,48 @@ ARGS = ["-e", "ws://127.0.0.1:9", "-d", "SSH=22", "-v", "4"]
 MAX_CHILD_RSS_KIB = 200 * 1024  # a child that read /dev/zero into memory would blow past this
 
 
+_PEAK_WRAPPER = (
+    "import os, resource, subprocess, sys\n"
+    "os.setpgrp()  # the test kills the group on a timeout\n"
+    "code = subprocess.call(sys.argv[2:])\n"
+    "os.write(int(sys.argv[1]), str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss).encode())\n"
+    "sys.exit(code)\n"
+)
+
+
 def run(*args: str) -> tuple[int, str, int]:
     """(exit code, stdout+stderr, peak RSS in KiB) of ``python -m localproxy args``, ended by itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
     env.update(AWSIOT_TUNNEL_ACCESS_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
+    # Linux carries a process's peak RSS across fork and exec (the child of a big pytest
+    # process "peaks" at pytest's size), so a small Python process starts the proxy
+    # and reports its child's own peak (RUSAGE_CHILDREN) on fd 3.
+    report_read, report_write = os.pipe()
     child = subprocess.Popen(
-        [sys.executable, "-m", "localproxy", *args], cwd=str(ROOT), env=env,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-c", _PEAK_WRAPPER, str(report_write), sys.executable, "-m", "localproxy", *args],
+        cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        pass_fds=(report_write,),
     )
+    os.close(report_write)
     deadline = time.monotonic() + TIMEOUT
     assert child.stdout is not None
     os.set_blocking(child.stdout.fileno(), False)
     output = b""
     while True:  # bounded by the deadline; the child must end on its own
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(child.pid, os.WNOHANG)
         chunk = child.stdout.read() or b""
         output += chunk
         if pid:
             output += child.stdout.read() or b""
             child.returncode = os.waitstatus_to_exitcode(status)
-            return child.returncode, output.decode(errors="replace"), int(usage.ru_maxrss)
+            with os.fdopen(report_read) as report:
+                peak = int(report.read() or 0)
+            assert peak > 0, "the wrapper did not report its child's peak RSS"
+            return child.returncode, output.decode(errors="replace"), peak
         if time.monotonic() > deadline:
-            child.send_signal(signal.SIGKILL)
+            os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+            os.close(report_read)
             raise AssertionError(f"the child did not end within {TIMEOUT} s (blocked?):\n{output.decode()}")
         time.sleep(0.02)  # polling a child's exit, not waiting for readiness
 
