@@ -169,17 +169,21 @@ async def start_sshd(directory: Path) -> tuple[asyncio.subprocess.Process, int, 
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {directory / 'host_key'}\n"
         f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPidFile {directory / 'sshd.pid'}\n"
         "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "PubkeyAuthentication yes\n"
+        "PubkeyAuthentication yes\nSubsystem sftp internal-sftp\n"  # scp speaks SFTP since OpenSSH 9
     )
+    if os.geteuid() == 0:  # sshd run as root wants its privilege-separation directory
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     process = await asyncio.create_subprocess_exec(
         SSHD, "-D", "-e", "-f", str(directory / "sshd_config"),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stderr is not None
     async with asyncio.timeout(30):
+        seen = b""
         while b"Server listening" not in (line := await process.stderr.readline()):
+            seen += line
             if not line:
-                raise AssertionError("sshd did not start")
+                raise AssertionError(f"sshd did not start: {seen.decode(errors='replace')}")
     return process, port, directory / "user_key"
 
 
@@ -197,17 +201,20 @@ async def test_openssh_to_a_real_sshd_behind_the_agent_with_scp_beside_ssh() -> 
                            "-o", "LogLevel=ERROR"]  # fmt: skip
                 user = getpass.getuser()
 
+                messages: list[bytes] = []  # connect's progress lines reach ssh's stderr
+
                 async def run(*command: str) -> tuple[int, bytes]:
                     process = await asyncio.create_subprocess_exec(
                         *command, env=rig.env, stdin=asyncio.subprocess.DEVNULL,
-                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     )  # fmt: skip
                     try:
-                        out, _ = await asyncio.wait_for(process.communicate(), 60)
+                        out, err = await asyncio.wait_for(process.communicate(), 60)
                     finally:
                         if process.returncode is None:
                             process.kill()
                             await process.wait()
+                    messages.append(err)
                     return int(process.returncode or 0), out
 
                 assert await run("ssh", *options, f"{user}@{dev.thing}", "echo one") == (0, b"one\n")
@@ -219,10 +226,12 @@ async def test_openssh_to_a_real_sshd_behind_the_agent_with_scp_beside_ssh() -> 
                     run("ssh", *options, f"{user}@{dev.thing}", "sleep 1; echo two"),
                     run("scp", *options, str(payload), f"{user}@{dev.thing}:{copy}"),
                 )
-                assert ssh_result == (0, b"two\n") and scp_result[0] == 0, (ssh_result, scp_result)
+                assert ssh_result == (0, b"two\n") and scp_result[0] == 0, (ssh_result, scp_result, messages)
                 assert copy.read_bytes() == payload.read_bytes()
                 assert await run("ssh", *options, f"{user}@{dev.thing}", "echo three") == (0, b"three\n")
                 assert await tunnel_count(dev.emu, dev.thing) == 1
+                assert b"opened tunnel" in messages[0] and not any(b"opened tunnel" in m for m in messages[1:])
+                assert not any(b"Traceback" in m for m in messages), messages
             finally:
                 await rig.cleanup()
     finally:
