@@ -33,22 +33,12 @@ from localproxy import (
 )
 from localproxy.local.adapters import WRITE_HIGH
 from localproxy.settings import Settings
+from localproxy.testing.processes import echo
 
 TIMEOUT = 15.0
 FAST = Settings(retry_delay_ms=50, tcp_connection_retry_count=1, tcp_connection_retry_delay_ms=50)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 @contextlib.asynccontextmanager

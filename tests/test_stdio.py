@@ -23,18 +23,11 @@ from localproxy import DestinationTarget, LocalProxy, Mode, ProxyConfig, Service
 from localproxy.errors import ExitCode
 from localproxy.local.stdio import relay_stdio
 from localproxy.settings import Settings
+from localproxy.testing.processes import echo
 
 TIMEOUT = 20.0
 FAST = Settings(retry_delay_ms=50, tcp_connection_retry_count=1, tcp_connection_retry_delay_ms=50)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 @contextlib.asynccontextmanager

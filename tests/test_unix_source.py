@@ -38,6 +38,7 @@ from localproxy.config.mappings import parse_mapping
 from localproxy.errors import ExitCode
 from localproxy.local.unix import listen_unix
 from localproxy.settings import Settings
+from localproxy.testing.processes import echo
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
 
@@ -207,14 +208,6 @@ def test_mapping_with_a_slash_is_a_unix_socket() -> None:
 
 
 # --- through the proxy ----------------------------------------------------------------------------
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 @contextlib.asynccontextmanager

@@ -147,8 +147,11 @@ async def connect(args: argparse.Namespace) -> int:
 async def _relay(sock: socket.socket) -> None:
     from localproxy.connect.splice import can_splice, splice_stdio
 
-    _widen_pipes()
     if can_splice():
+        from localproxy.local.stdio_ends import grow_pipe
+
+        for fd in (0, 1):  # relay_stdio grows the pipes it watches; splicing watches none
+            grow_pipe(fd)
         await splice_stdio(sock)
         return
     from localproxy.local.stdio import relay_stdio
@@ -271,26 +274,6 @@ class _Failed(LocalProxyError):
         self.exit_code = code
 
 
-PIPE_SIZE = 1 << 20
-
-
-def _widen_pipes() -> None:
-    """Linux: 1 MiB pipes on stdin/stdout instead of 64 KiB, so bulk transfers (scp) wake
-    both processes 16 times less often. Best effort; other systems keep their pipes."""
-    set_pipe_size = getattr(__import__("fcntl"), "F_SETPIPE_SZ", None) if sys.platform == "linux" else None
-    if set_pipe_size is None:
-        return
-    import fcntl
-    import stat
-
-    for fd in (0, 1):
-        try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                fcntl.fcntl(fd, set_pipe_size, PIPE_SIZE)
-        except OSError:  # over /proc/sys/fs/pipe-max-size for unprivileged users, or not ours to change
-            pass
-
-
 async def _why_ended(paths: SharedPaths, started: float) -> int:
     """Ask the shared source why our connection ended: 0 for a normal end, else the error's code."""
     sock = _attach(paths)
@@ -331,8 +314,7 @@ async def _connect_here(args: argparse.Namespace, request: Request) -> int:
     source = ThingSource(SourceOptions(args.thing, args.region, args.proxy_endpoint, api_url, args.tunnel_minutes))
     try:
         reader, writer = await source.open_connection(request.service, request.wait, say)
-        _widen_pipes()
-        await relay_stdio(reader, writer)
+        await relay_stdio(reader, writer)  # it grows the pipes it watches (stdio_ends.grow_pipe)
         error = await source.why_dropped(WHY_TIMEOUT)
     finally:
         await source.close(close_tunnel=args.close_on_exit)

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["CHUNK", "Input", "Output", "open_input", "open_output", "open_shared_socket", "watch_fd"]
+__all__ = ["CHUNK", "Input", "Output", "grow_pipe", "open_input", "open_output", "open_shared_socket", "watch_fd"]
 
 logger = logging.getLogger("localproxy.stdio")
 
@@ -286,7 +286,7 @@ async def watch_fd(
         with contextlib.suppress(OSError):  # fd closed meanwhile: nothing to restore
             os.set_blocking(fd, was_blocking)
 
-    _grow_pipe(fd)
+    grow_pipe(fd)
     # A duplicate: the transport closes it, not the process's own stdin/stdout.
     pipe = os.fdopen(os.dup(fd), mode, buffering=0)
     try:
@@ -321,7 +321,7 @@ def _watchable(fd: int, event: int) -> bool:
 PIPE_SIZE = 1024 * 1024
 
 
-def _grow_pipe(fd: int) -> None:
+def grow_pipe(fd: int) -> None:
     """Linux: a 1 MiB pipe (64 KiB by default) moves bulk data in fewer, larger reads.
 
     Best effort: not a pipe, over /proc/sys/fs/pipe-max-size, or not Linux: left as is.

@@ -50,10 +50,9 @@ class InProcessConnections:
         ``UnknownServiceError``, ``TunnelNotReadyError`` (no session now, or closed),
         or the proxy's fatal error if it stopped on one.
         """
-        service_id = self._check_open(service)
-        ours, theirs = socket_pair()
+        theirs = await self._open_socket(service)
         try:
-            await self._engine.attach(service_id, ours)
+            theirs.setblocking(False)  # _open_socket hands out a blocking socket
             return await asyncio.open_connection(sock=theirs, limit=limit)
         except BaseException:
             theirs.close()

@@ -121,14 +121,19 @@ class ProxyProcess:
         return "\n".join(self.lines)
 
 
-async def echo_app() -> tuple[asyncio.Server, int]:
-    """A TCP echo server on 127.0.0.1 (a destination app); returns it and its port."""
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An ``asyncio.start_server`` handler that echoes until EOF (a reset peer just ends it)."""
+    try:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
         writer.close()
 
+
+async def echo_app() -> tuple[asyncio.Server, int]:
+    """A TCP echo server on 127.0.0.1 (a destination app); returns it and its port."""
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
