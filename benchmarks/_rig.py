@@ -236,6 +236,17 @@ class ProxyPair:
         return {child.name: child.stop() for child in self.children}
 
 
+def command_line(template: str, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """A command template filled in: its argv, and the ``NAME=value`` words it starts with
+    (as in a shell: ``LOCALPROXY_EVENT_LOOP=uvloop {python} -m localproxy ...``) as environment."""
+    words = shlex.split(template.format(**values))
+    env: dict[str, str] = {}
+    while words and "=" in words[0] and words[0].split("=", 1)[0].isidentifier():
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return words, env
+
+
 def start_pair(
     control: ControlPlane,
     info: EmulatorInfo,
@@ -275,8 +286,8 @@ def start_pair(
         base_env.pop(proxy_var, None)
 
     def launch(name: str, template: str, token: str) -> Child:
-        argv = shlex.split(template.format(**values))
-        return Child(f"{tag}-{name}", argv, log_dir, env={**base_env, "AWSIOT_TUNNEL_ACCESS_TOKEN": token})
+        argv, env = command_line(template, values)
+        return Child(f"{tag}-{name}", argv, log_dir, env={**base_env, **env, "AWSIOT_TUNNEL_ACCESS_TOKEN": token})
 
     destination = launch("destination", destination_template, tunnel["destinationAccessToken"])
     source = launch("source", source_template, tunnel["sourceAccessToken"])

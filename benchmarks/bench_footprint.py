@@ -59,6 +59,16 @@ from _rig import (  # noqa: E402
 )
 
 READY_LINE = b"Listening for new connection"
+ASYNCIO = "LOCALPROXY_EVENT_LOOP=asyncio "  # a plain install: no uvloop
+UVLOOP = "LOCALPROXY_EVENT_LOOP=uvloop "  # with localproxy[uvloop]
+
+
+def has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 SERVICE = "BENCH"
 
 
@@ -96,12 +106,12 @@ def startup_ms(control: ControlPlane, info: EmulatorInfo, template: str, setting
     """Milliseconds from spawning a source proxy to its "Listening for new connection" line."""
     tunnel = control.open_tunnel(SERVICE)
     port = free_port()
-    argv = shlex.split(template.format(
+    argv, env = _rig.command_line(template, dict(
         python=sys.executable, endpoint=info.data, host_port=info.data.split("://", 1)[1], service=SERVICE,
-        port=port, source_map=f"{SERVICE}={port}", capath_args="", settings=settings, app_host="127.0.0.1",
-        app_port=9, destination_map=f"{SERVICE}=127.0.0.1:9"))
+        port=str(port), source_map=f"{SERVICE}={port}", capath_args="", settings=str(settings), app_host="127.0.0.1",
+        app_port="9", destination_map=f"{SERVICE}=127.0.0.1:9"))
     began = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=str(ROOT), env=child_env(tunnel["sourceAccessToken"]),
+    process = subprocess.Popen(argv, cwd=str(ROOT), env={**child_env(tunnel["sourceAccessToken"]), **env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     assert process.stdout is not None
     seen = b""
@@ -284,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         emulator, info = start_emulator(log_dir, tls=False)
         try:
             control = ControlPlane(info)
-            binaries = {"ours": (args.source_template, args.destination_template)}
+            # "ours": as a plain install runs (asyncio's loop); "ours+uv": with the uvloop extra.
+            binaries = {"ours": (ASYNCIO + args.source_template, ASYNCIO + args.destination_template)}
+            if has_uvloop():
+                binaries["ours+uv"] = (UVLOOP + args.source_template, UVLOOP + args.destination_template)
             if args.baseline_root:
                 chdir = f"env -C {shlex.quote(str(args.baseline_root.resolve()))} "
                 binaries["base"] = (chdir + _rig.OURS_SOURCE, chdir + _rig.OURS_DESTINATION)

@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         operations = OpsOptions(parsed.metrics_port, parsed.metrics_bind)
         if parsed.stdio_service is not None:
-            return int(run_program(run_stdio(parsed.config, parsed.stdio_service, operations)))
-        return int(run_program(run_proxy(parsed.config, operations)))
+            return int(run_program(run_stdio(parsed.config, parsed.stdio_service, operations), tune_memory=False))
+        return int(run_program(run_proxy(parsed.config, operations), tune_memory=False))
     except KeyboardInterrupt:
         return ExitCode.OK
     except LocalProxyError as exc:

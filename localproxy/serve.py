@@ -17,12 +17,14 @@ from localproxy.errors import ExitCode, LocalProxyError
 from localproxy.events import (
     Connected,
     ConnectionRejected,
+    ConnectionStarted,
     Disconnected,
     ErrorEvent,
+    StreamStarted,
     TunnelReady,
 )
 from localproxy.ops.operations import Operations, OpsOptions, proxy_status
-from localproxy.ops.runtime import stop_on_signals
+from localproxy.ops.runtime import stop_on_signals, tune_allocator
 from localproxy.proxy.local_proxy import LocalProxy
 
 __all__ = ["run_proxy", "run_stdio", "serve_proxy"]
@@ -32,13 +34,18 @@ logger = logging.getLogger("localproxy.proxy")
 
 @contextlib.asynccontextmanager
 async def serve_proxy(options: OpsOptions, proxy: LocalProxy) -> AsyncIterator[Operations]:
-    """Around a not yet started proxy: metrics of it, READY=1 when its tunnel is ready."""
+    """Around a not yet started proxy: metrics of it, READY=1 when its tunnel is ready;
+    the allocator tuned when the first stream starts (an idle proxy never loads ``ctypes``)."""
     operations = Operations(options, lambda: ([proxy.stats()], None))
     await operations.start()
     services: tuple[str, ...] = ()
+    tuned = False
 
     def on_event(event: object) -> None:
-        nonlocal services
+        nonlocal services, tuned
+        if not tuned and isinstance(event, (StreamStarted, ConnectionStarted)):
+            tuned = True
+            tune_allocator()
         if isinstance(event, TunnelReady):
             services = event.services
         elif not isinstance(event, (Connected, Disconnected, ErrorEvent)):

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+from localproxy.errors import ExitCode
+
 PROBE = """
 import json, sys
 import localproxy.cli
@@ -47,3 +49,101 @@ def test_version_text_still_lists_the_packages() -> None:
                           timeout=60)
     assert done.returncode == 0
     assert done.stdout.startswith("localproxy-python ") and "websockets " in done.stdout
+
+
+# --- the event loop and the allocator: loaded when used (issue 21) ----------------------------
+
+LOOP_PROBE = """
+import json, os, sys
+if sys.argv[1] == "missing":
+    sys.modules["uvloop"] = None  # as in a plain install
+    os.environ["LOCALPROXY_EVENT_LOOP"] = sys.argv[2]
+else:
+    os.environ["LOCALPROXY_EVENT_LOOP"] = sys.argv[1]
+from localproxy.errors import LocalProxyError
+from localproxy.ops.runtime import event_loop_factory
+try:
+    factory = event_loop_factory()
+except LocalProxyError as error:
+    print(json.dumps({"error": type(error).__name__, "message": str(error), "code": int(error.exit_code)}))
+else:
+    print(json.dumps({"factory": None if factory is None else f"{factory.__module__}.{factory.__name__}"}))
+"""
+
+
+def loop_choice(*args: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-c", LOOP_PROBE, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_event_loop_follows_the_variable() -> None:
+    import pytest
+
+    pytest.importorskip("uvloop")
+    assert loop_choice("auto") == {"factory": "uvloop.new_event_loop"}
+    assert loop_choice("") == {"factory": "uvloop.new_event_loop"}
+    assert loop_choice("UVLOOP") == {"factory": "uvloop.new_event_loop"}
+    assert loop_choice("asyncio") == {"factory": None}
+    bad = loop_choice("tokio")
+    assert bad["error"] == "UsageError" and "LOCALPROXY_EVENT_LOOP='tokio'" in str(bad["message"])
+    assert "auto, uvloop, asyncio" in str(bad["message"]) and bad["code"] == ExitCode.USAGE
+
+
+def test_without_uvloop_auto_runs_asyncio_and_insisting_names_the_extra() -> None:
+    assert loop_choice("missing", "auto") == {"factory": None}
+    insisted = loop_choice("missing", "uvloop")
+    assert insisted["error"] == "MissingExtraError" and "pip install 'localproxy[uvloop]'" in str(insisted["message"])
+
+
+def mapped(pid: int, fragment: str) -> bool:
+    """Whether a file whose path contains ``fragment`` is mapped in ``pid`` (a loaded extension)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return any(fragment in line for line in maps)
+
+
+async def test_idle_proxies_load_neither_ctypes_nor_the_other_loop(emulator: object) -> None:
+    """Connected and idle: no ``_ctypes`` (the allocator is tuned when the first stream
+    starts) and, with LOCALPROXY_EVENT_LOOP=asyncio, no uvloop; then a connection flows
+    and both proxies have tuned their allocator."""
+    import asyncio
+
+    import pytest
+
+    from tests.proxyproc import LISTENING, ProxyProcess, echo_app
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/PID/maps")
+    from localproxy.ops.runtime import tune_allocator
+
+    if not tune_allocator():
+        pytest.skip("not glibc: nothing to tune")
+    tunnel = emulator.open_tunnel(services=["SSH"])  # type: ignore[attr-defined]
+    server, app_port = await echo_app()
+    loop_env = {"LOCALPROXY_EVENT_LOOP": "asyncio"}
+    destination = await ProxyProcess.start(
+        "-e", emulator.data_url, "-d", f"SSH=127.0.0.1:{app_port}",  # type: ignore[attr-defined]
+        token=tunnel.destination_token, extra_env=loop_env,
+    )
+    source = await ProxyProcess.start(
+        "-e", emulator.data_url, "-b", "127.0.0.1", "-s", "SSH=0",  # type: ignore[attr-defined]
+        token=tunnel.source_token,
+    )
+    try:
+        port = int((await source.wait_for_line(LISTENING)).group(1))
+        await destination.wait_for_line("Successfully established websocket connection")
+        await emulator.wait_connected(tunnel.tunnel_id, "destination")  # type: ignore[attr-defined]
+        for child in (source, destination):
+            assert not mapped(child.pid, "_ctypes"), child.text
+        assert mapped(source.pid, "uvloop") and not mapped(destination.pid, "uvloop")
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 15) == b"ping"
+        writer.close()
+        for child in (source, destination):
+            assert mapped(child.pid, "_ctypes"), child.text
+    finally:
+        for child in (source, destination):
+            assert await asyncio.wait_for(child.stop(), 15) == 0
+        server.close()

@@ -10,8 +10,9 @@ dir, so nothing is imported from the source tree):
    package metadata (and ``localproxy/_version.py``), ``python -m localproxy.emulator
    --demo`` passes, ``localproxy-agent --help`` works (running it says to install the
    ``mqtt`` extra), ``--tls`` without the
-   ``emulator-tls`` extra fails with a message naming it, and ``cryptography``,
-   ``protobuf`` and ``boto3`` were not installed.
+   ``emulator-tls`` extra fails with a message naming it, so does
+   ``LOCALPROXY_EVENT_LOOP=uvloop`` without the ``uvloop`` extra (the demo ran on asyncio's
+   own loop), and ``cryptography``, ``protobuf``, ``boto3`` and ``uvloop`` were not installed.
 3. Then the ``testing`` extra: ``pytest --fixtures`` lists the plugin's fixtures and a
    ``def`` test using them (TLS included) passes.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds, per step (an install with a cold cache)
-LEAN = ("cryptography", "protobuf", "boto3")  # never in a plain install
+LEAN = ("cryptography", "protobuf", "boto3", "uvloop")  # never in a plain install
 FIXTURES = ("tunneling_service", "tunneling_service_tls", "tunnel_pair", "tunneling_client")
 SMOKE_TEST = '''
 def test_wheel_fixtures(tunneling_service, tunneling_service_tls, tunnel_pair, tunneling_client):
@@ -129,7 +130,10 @@ def check(work: Path) -> None:
     tls = run([python, "-m", "localproxy.emulator", "--tls", "--port", "0"], work, env, expect=None)
     if tls.returncode == 0 or "localproxy[emulator-tls]" not in tls.stderr or "Traceback" in tls.stderr:
         raise CheckFailed(f"--tls without the emulator-tls extra (exit {tls.returncode}):\n{tls.stderr}")
-    step(f"localproxy {version}: --version, the emulator demo, the agent's --help and mqtt hint, --tls's hint; no {'/'.join(LEAN)}", started)
+    uv = run([python, "-m", "localproxy.emulator", "--port", "0"], work, {**env, "LOCALPROXY_EVENT_LOOP": "uvloop"}, expect=None)
+    if uv.returncode == 0 or "localproxy[uvloop]" not in uv.stderr or "Traceback" in uv.stderr:
+        raise CheckFailed(f"LOCALPROXY_EVENT_LOOP=uvloop without the uvloop extra (exit {uv.returncode}):\n{uv.stderr}")
+    step(f"localproxy {version}: --version, the emulator demo, the agent's --help and mqtt hint, --tls's and uvloop's hints; no {'/'.join(LEAN)}", started)
 
     run([python, "-m", "pip", "install", "-q", f"{wheel}[testing]"], work, env)
     tests = work / "tests"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from localproxy.emulator.core import Emulator
 from localproxy.emulator.faults import SERVICE_BANDWIDTH
-from localproxy.errors import MissingExtraError
+from localproxy.errors import LocalProxyError
 from localproxy.ops.files import MAX_CONFIG_BYTES, UnsuitableFile, check_regular_file
 from localproxy.ops.runtime import run_program, stop_on_signals
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the port is taken, the address is not ours...
         print(f"localproxy.emulator: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 1
-    except MissingExtraError as error:  # --tls without localproxy[emulator-tls]
+    except LocalProxyError as error:  # --tls without localproxy[emulator-tls], a bad LOCALPROXY_EVENT_LOOP
         print(f"localproxy.emulator: {error}", file=sys.stderr)
         return error.exit_code
 

@@ -21,7 +21,6 @@ from localproxy.errors import (
     UsageError,
 )
 from localproxy.local.inprocess import socket_pair
-from localproxy.local.stdio import relay_stdio
 from localproxy.proxy.engine import Engine
 from localproxy.types import Mode
 
@@ -121,6 +120,9 @@ class InProcessConnections:
         served = await self._engine.attach_stdio(service_id, stdin_fd, stdout_fd)
         if served is None:
             reader, writer = await self.open_connection(service)
+            # Imported here: a proxy that never relays stdio does not load it (start-up, memory).
+            from localproxy.local.stdio import relay_stdio
+
             await relay_stdio(reader, writer, stdin_fd=stdin_fd, stdout_fd=stdout_fd)
             return
         transport, restore = served
