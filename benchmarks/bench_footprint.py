@@ -106,10 +106,11 @@ def startup_ms(control: ControlPlane, info: EmulatorInfo, template: str, setting
     """Milliseconds from spawning a source proxy to its "Listening for new connection" line."""
     tunnel = control.open_tunnel(SERVICE)
     port = free_port()
-    argv, env = _rig.command_line(template, dict(
-        python=sys.executable, endpoint=info.data, host_port=info.data.split("://", 1)[1], service=SERVICE,
-        port=str(port), source_map=f"{SERVICE}={port}", capath_args="", settings=str(settings), app_host="127.0.0.1",
-        app_port="9", destination_map=f"{SERVICE}=127.0.0.1:9"))
+    argv, env = _rig.command_line(template, {
+        "python": sys.executable, "endpoint": info.data, "host_port": info.data.split("://", 1)[1],
+        "service": SERVICE, "port": str(port), "source_map": f"{SERVICE}={port}", "capath_args": "",
+        "settings": str(settings), "app_host": "127.0.0.1", "app_port": "9",
+        "destination_map": f"{SERVICE}=127.0.0.1:9"})
     began = time.perf_counter()
     process = subprocess.Popen(argv, cwd=str(ROOT), env={**child_env(tunnel["sourceAccessToken"]), **env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -15,8 +15,8 @@ import os
 import signal
 import sys
 import types
-from collections.abc import Coroutine, Iterator
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from localproxy.errors import MissingExtraError, UsageError
 
