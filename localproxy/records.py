@@ -1,24 +1,17 @@
 """``@record``: ``dataclasses.dataclass`` for our run-path classes, cheaper to create at import.
 
-On Python 3.11 and 3.12, ``dataclass()`` compiles each method it generates with an ``exec``
-of its own (six for a frozen class: ``__init__``, ``__repr__``, ``__eq__``, ``__hash__``,
-``__setattr__``, ``__delattr__``), which made up most of the proxy's import time spent on
-its ~40 classes (issue 21). Python 3.13 compiles them all in one ``exec``; ``record`` does
-the same on 3.11/3.12: ``dataclass(init=False, repr=False, eq=False)`` works out the fields
-(and sets ``__dataclass_fields__``, ``__match_args__``) without an ``exec``, then one
-``exec`` defines the methods ``dataclass()`` would have written, with the same code. So a
-record *is* a dataclass: ``fields``, ``replace``, ``asdict``, ``is_dataclass``, pickle,
-``copy`` and ``inspect.signature`` see what they would see with ``@dataclass``.
-
-Options: ``frozen``, ``slots``, ``eq`` and ``repr`` (``init``, ``match_args`` on). A class
-with bases (other than ``object``) or its own ``__match_args__`` is handed to ``dataclass()``
-as is; an ``InitVar``, ``kw_only`` or ``init=False`` field is refused (none of ours has one).
+On 3.11/3.12 ``dataclass()`` compiles each method it writes, one ``exec`` each: most of the import
+time of the proxy's ~40 classes (issue 21). Compiling costs by the size of the text, so ``record``
+compiles ``__init__`` alone (its signature, speed and TypeErrors need real code); the other methods
+are closures over the field names. ``dataclass(init=False, repr=False, eq=False)`` (no compile)
+works out the fields, so a record *is* a dataclass to ``fields``, ``replace``, pickle, ``inspect``.
 """
 
 import dataclasses
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from operator import attrgetter
 from reprlib import recursive_repr
 from typing import Any, TypeVar, dataclass_transform, overload
 
@@ -26,15 +19,13 @@ __all__ = ["record"]
 
 _T = TypeVar("_T")
 
-# 3.13 batches the methods itself (dataclasses._FuncBuilder): nothing to gain here.
-_DATACLASS_BATCHES = sys.version_info >= (3, 13)
+# 3.13 compiles a class's methods in one exec (dataclasses._FuncBuilder): left to it.
+_DATACLASS_IS_CHEAP = sys.version_info >= (3, 13)
 
 
 class _Factory:
-    """The default of a ``default_factory`` parameter: ``<factory>`` in signatures, as dataclasses'."""
-
     def __repr__(self) -> str:
-        return "<factory>"
+        return "<factory>"  # a default_factory parameter's default in signatures, as dataclasses'
 
 
 _FACTORY = _Factory()
@@ -54,10 +45,12 @@ def record(
 def record(
     cls: type[_T] | None = None, /, *, frozen: bool = False, slots: bool = False, eq: bool = True, repr: bool = True
 ) -> type[_T] | Callable[[type[_T]], type[_T]]:
-    """``@dataclass`` (with these options), its methods compiled in one ``exec``."""
+    """``@dataclass`` with these options. On 3.13+ (one exec for all methods there), and for a class
+    with bases or its own ``__match_args__``, it is ``dataclass()``; an ``InitVar``, ``kw_only``
+    or ``init=False`` field is refused (none of ours has one)."""
 
     def wrap(cls: type[_T]) -> type[_T]:
-        if _DATACLASS_BATCHES or cls.__bases__ != (object,) or "__match_args__" in cls.__dict__:
+        if _DATACLASS_IS_CHEAP or cls.__bases__ != (object,) or "__match_args__" in cls.__dict__:
             # Inheritance brings rules (frozen bases, inherited slots and fields) left to dataclasses.
             return dataclasses.dataclass(cls, frozen=frozen, slots=slots, eq=eq, repr=repr)
         built: type[_T] = _build(cls, frozen, slots, eq, repr)
@@ -67,19 +60,18 @@ def record(
 
 
 def _build(cls: Any, frozen: bool, slots: bool, eq: bool, repr: bool) -> Any:
-    body = cls.__dict__
+    body = cls.__dict__  # the class as written: dataclass() never replaces what it defines
     has_doc = bool(body.get("__doc__"))
-    # dataclass() decides __hash__ from the class as written (its "has-explicit-hash").
-    own_hash = body.get("__hash__", dataclasses.MISSING)
+    own_hash = body.get("__hash__", dataclasses.MISSING)  # dataclass()'s "has-explicit-hash"
     explicit_hash = not (own_hash is dataclasses.MISSING or (own_hash is None and "__eq__" in body))
-    if frozen and ("__setattr__" in body or "__delattr__" in body):
-        name = "__setattr__" if "__setattr__" in body else "__delattr__"
-        raise TypeError(f"Cannot overwrite attribute {name} in class {cls.__name__}")
+    for name in ("__setattr__", "__delattr__"):
+        if frozen and name in body:
+            raise TypeError(f"Cannot overwrite attribute {name} in class {cls.__name__}")
     if slots and "__slots__" in body:
         raise TypeError(f"{cls.__name__} already specifies __slots__")
     if not has_doc:
         cls.__doc__ = "-"  # spares dataclass() a signature of the class without __init__; set below
-    # Fields, defaults, ClassVars, mutable-default checks; frozen=False: its frozen methods exec.
+    # frozen=False: dataclass() would compile the frozen methods.
     cls = dataclasses.dataclass(cls, init=False, repr=False, eq=False)
     fields = dataclasses.fields(cls)
     names = tuple(f.name for f in fields)
@@ -97,7 +89,7 @@ def _build(cls: Any, frozen: bool, slots: bool, eq: bool, repr: bool) -> Any:
         qualname = cls.__qualname__
         cls = type(cls)(cls.__name__, cls.__bases__, namespace)
         cls.__qualname__ = qualname
-    methods = _methods(cls, fields, frozen, slots, eq, repr, explicit_hash)
+    methods = {"__init__": _init(cls, fields, frozen), **_methods(cls, fields, frozen, slots, eq, repr, explicit_hash)}
     for name, method in methods.items():
         method.__qualname__ = f"{cls.__qualname__}.{name}"
         if name == "__repr__":
@@ -114,22 +106,12 @@ def _build(cls: Any, frozen: bool, slots: bool, eq: bool, repr: bool) -> Any:
     return cls
 
 
-def _methods(
-    cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool, slots: bool, eq: bool, repr: bool,
-    explicit_hash: bool,
-) -> dict[str, Any]:
-    """The methods dataclass() (3.11/3.12) writes, in its words, from one exec."""
-    names = [f.name for f in fields]
-    self = "__dataclass_self__" if "self" in names else "self"
-    # What the methods use, passed to __create_fn__ so that they close over it.
-    env: dict[str, Any] = {
-        "cls": cls,
-        "FrozenInstanceError": dataclasses.FrozenInstanceError,
-        "__dataclass_builtins_object__": object,
-        "__dataclass_HAS_DEFAULT_FACTORY__": _FACTORY,
-    }
-    params, assigns = [], []
-    seen_default = False
+def _init(cls: type[Any], fields: tuple[dataclasses.Field[Any], ...], frozen: bool) -> Any:
+    """dataclass()'s ``__init__``, from its text (3.11/3.12): one compile, one exec."""
+    self = "__dataclass_self__" if "self" in {f.name for f in fields} else "self"
+    # What __init__ uses, passed to __create_fn__ so that it closes over it.
+    env: dict[str, Any] = {"__dataclass_builtins_object__": object, "__dataclass_HAS_DEFAULT_FACTORY__": _FACTORY}
+    params, lines, seen_default = [self], [], False
     for f in fields:
         env[f"__dataclass_type_{f.name}__"] = f.type
         default, value = "", f.name
@@ -146,59 +128,72 @@ def _methods(
             raise TypeError(f"non-default argument {f.name!r} follows default argument")
         params.append(f"{f.name}:__dataclass_type_{f.name}__{default}")
         if frozen:  # the frozen __setattr__ refuses: set as object does
-            assigns.append(f"__dataclass_builtins_object__.__setattr__({self},{f.name!r},{value})")
+            lines.append(f"  __dataclass_builtins_object__.__setattr__({self},{f.name!r},{value})")
         else:
-            assigns.append(f"{self}.{f.name}={value}")
+            lines.append(f"  {self}.{f.name}={value}")
     if hasattr(cls, "__post_init__"):
-        assigns.append(f"{self}.__post_init__()")
-    lines = [f" def __init__({','.join([self, *params])})->None:", *(f"  {a}" for a in assigns or ["pass"])]
-    if repr:
-        shown = ", ".join(f"{f.name}={{self.{f.name}!r}}" for f in fields if f.repr)
-        lines += [" def __repr__(self):", f'  return self.__class__.__qualname__ + f"({shown})"']
-    if eq:
-        compared = [f.name for f in fields if f.compare]
-        lines += [
-            " def __eq__(self, other):",
-            "  if other.__class__ is self.__class__:",
-            f"   return {_tuple('self', compared)}=={_tuple('other', compared)}",
-            "  return NotImplemented",
-        ]
-        if frozen and not explicit_hash:
-            hashed = [f.name for f in fields if (f.compare if f.hash is None else f.hash)]
-            lines += [" def __hash__(self):", f"  return hash({_tuple('self', hashed)})"]
-    if frozen:
-        condition = "type(self) is cls" + (f" or name in {set(names)!r}" if names else "")
-        lines += [
-            " def __setattr__(self, name, value):",
-            f"  if {condition}:",
-            '   raise FrozenInstanceError(f"cannot assign to field {name!r}")',
-            "  super(cls, self).__setattr__(name, value)",
-            " def __delattr__(self, name):",
-            f"  if {condition}:",
-            '   raise FrozenInstanceError(f"cannot delete field {name!r}")',
-            "  super(cls, self).__delattr__(name)",
-        ]
-        if slots:  # pickle and copy would restore slots with setattr, which refuses
-            lines += [
-                " def __getstate__(self):",
-                f"  return [{_tuple('self', names)[1:-1]}]",
-                " def __setstate__(self, state):",
-                f"  for name, value in zip({tuple(names)!r}, state):",
-                "   __dataclass_builtins_object__.__setattr__(self, name, value)",
-            ]
-    defined = [line[5:].split("(", 1)[0] for line in lines if line.startswith(" def ")]
-    returned = ", ".join(f"{name!r}: {name}" for name in defined)
-    source = "\n".join([f"def __create_fn__({', '.join(env)}):", *lines, f" return {{{returned}}}"])
+        lines.append(f"  {self}.__post_init__()")
+    header = [f"def __create_fn__({', '.join(env)}):", f" def __init__({','.join(params)})->None:"]
+    source = "\n".join([*header, *(lines or ["  pass"]), " return __init__"])
     # The module's globals, as dataclass() uses: get_type_hints(cls.__init__) resolves there.
     module = sys.modules.get(cls.__module__)
     namespace: dict[str, Any] = {}
     # dont_inherit: no compiler flags from here (the annotations must stay objects, not text).
     code = compile(source, "<string>", "exec", dont_inherit=True)
     exec(code, module.__dict__ if module else {}, namespace)  # noqa: S102 - our own text, as dataclass() does
-    methods: dict[str, Any] = namespace["__create_fn__"](**env)
-    return methods
+    return namespace["__create_fn__"](**env)
 
 
-def _tuple(obj: str, names: list[str]) -> str:
-    """``(self.a,self.b,)``: the fields as dataclass() compares and hashes them."""
-    return f"({','.join(f'{obj}.{name}' for name in names)},)" if names else "()"
+def _values(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """obj -> ``(obj.a, obj.b, ...)``: the tuple dataclass() compares and hashes."""
+    if len(names) != 1:
+        return attrgetter(*names) if names else lambda obj: ()
+    value = attrgetter(names[0])
+    return lambda obj: (value(obj),)
+
+
+def _methods(
+    cls: type[Any], fields: tuple[dataclasses.Field[Any], ...], frozen: bool, slots: bool, eq: bool, repr: bool,
+    explicit_hash: bool,
+) -> dict[str, Callable[..., Any]]:
+    """The other methods dataclass() writes, as closures over the field names, with its messages."""
+    names = tuple(f.name for f in fields)
+    shown = tuple(f.name for f in fields if f.repr)
+    compared = _values([f.name for f in fields if f.compare])
+    hashed = _values([f.name for f in fields if (f.compare if f.hash is None else f.hash)])
+    frozen_names = frozenset(names)
+
+    def __repr__(self: Any) -> str:
+        return f"{self.__class__.__qualname__}({', '.join([f'{name}={getattr(self, name)!r}' for name in shown])})"
+
+    def __eq__(self: Any, other: Any) -> Any:
+        if other.__class__ is self.__class__:
+            return compared(self) == compared(other)
+        return NotImplemented
+
+    def __hash__(self: Any) -> int:
+        return hash(hashed(self))
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in frozen_names:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in frozen_names:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
+
+    # Frozen slots: pickle and copy would restore them with setattr, which refuses.
+    def __getstate__(self: Any) -> list[Any]:
+        return [getattr(self, name) for name in names]
+
+    def __setstate__(self: Any, state: Sequence[Any]) -> None:
+        for name, value in zip(names, state):
+            object.__setattr__(self, name, value)
+
+    wanted: dict[Callable[..., Any], bool] = {
+        __repr__: repr, __eq__: eq, __hash__: eq and frozen and not explicit_hash,
+        __setattr__: frozen, __delattr__: frozen, __getstate__: frozen and slots, __setstate__: frozen and slots,
+    }
+    return {method.__name__: method for method, want in wanted.items() if want}

@@ -306,6 +306,25 @@ def test_post_init_runs() -> None:
     assert "secret" not in repr(r_cls("m", "s"))
 
 
+def test_eq_and_hash_compare_field_tuples() -> None:
+    # dataclass() compares (self.a,...) tuples: identity first, so the same NaN object is equal
+    nan = float("nan")
+    for deco in (dataclass, record):
+
+        @deco(frozen=True)
+        class One:
+            x: float
+
+        @deco(frozen=True)
+        class Two:
+            x: float
+            y: int = 0
+
+        assert One(nan) == One(nan) and One(float("nan")) != One(float("nan"))
+        assert Two(nan) == Two(nan) and Two(1.0) != Two(1.0, 1)
+        assert hash(One(1.0)) == hash((1.0,)) and hash(Two(1.0)) == hash((1.0, 0))
+
+
 def test_a_record_that_contains_itself_repr_is_bounded() -> None:
     _, r_cls = TWINS["plain"]
     obj = r_cls(1)
