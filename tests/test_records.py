@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import inspect
 import pickle
+import subprocess
 import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 from localproxy.records import record
 
+REPO = Path(__file__).resolve().parent.parent
 Decorator = Callable[..., Any]
 
 # --- the shapes: each function builds one class with the decorator it is given ------------
@@ -444,3 +448,41 @@ def test_one_exec_per_class(shape: Callable[[Decorator], type]) -> None:
     assert by_record == {"exec": 1, "compile": 1}
     if sys.version_info < (3, 13):
         assert by_dataclass["exec"] >= 3  # one per method (init, repr, eq, ...): what record saves
+
+
+# --- mypy sees a record as a dataclass (typing.dataclass_transform) ------------------------------
+
+TYPED_USE = '''
+from dataclasses import field, replace
+from localproxy.records import record
+
+@record(frozen=True)
+class Frozen:
+    x: int
+    y: str = "a"
+    z: list[int] = field(default_factory=list)
+
+@record
+class Plain:
+    x: int
+
+ok: Frozen = replace(Frozen(1, z=[2]), y="b")
+Plain(1).x = 2
+Frozen(1).x = 2  # error: read-only
+Plain("s")  # error: str for int
+Frozen()  # error: missing x
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is in the test extra")
+def test_mypy_sees_a_dataclass(tmp_path: Path) -> None:
+    (tmp_path / "use.py").write_text(TYPED_USE)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "--no-color-output",
+         "--follow-imports=silent", str(tmp_path / "use.py")],
+        capture_output=True, text=True, timeout=110, check=False, cwd=REPO,
+    )
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    lines = TYPED_USE.splitlines()
+    flagged = sorted(lines[int(line.split(":")[1]) - 1].split("#")[0].strip() for line in errors)
+    assert flagged == ["Frozen()", "Frozen(1).x = 2", 'Plain("s")'], result.stdout
