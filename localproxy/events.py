@@ -8,17 +8,17 @@ the stream/connection ones; the proxy emits the session ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, Union
 
 from localproxy.errors import LocalProxyError
+from localproxy.records import record
 
 # Who ended a stream or connection: this proxy's local side ("local"), the tunnel
 # peer or service ("peer"), or a newer STREAM_START for the same service ("replaced").
 Initiator = Literal["local", "peer", "replaced", "session"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Connected:
     """A websocket session to the service is up."""
 
@@ -26,14 +26,14 @@ class Connected:
     subprotocol: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Disconnected:
     """The websocket session ended; ``reason`` is human-readable."""
 
     reason: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TunnelReady:
     """The tunnel's services are known and checked (SERVICE_IDS, or at once on V1).
 
@@ -44,7 +44,7 @@ class TunnelReady:
     services: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Listening:
     """Source mode: a local port (or the Unix socket ``path``, port 0) accepts
     connections for ``service_id``."""
@@ -54,27 +54,27 @@ class Listening:
     path: str | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StreamStarted:
     service_id: str
     stream_id: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StreamReset:
     service_id: str
     stream_id: int
     initiator: Initiator
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConnectionStarted:
     service_id: str
     stream_id: int
     connection_id: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConnectionReset:
     service_id: str
     stream_id: int
@@ -82,7 +82,7 @@ class ConnectionReset:
     initiator: Initiator
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConnectionRejected:
     """A local connection was refused (no session, limit reached, connect failed)."""
 
@@ -90,7 +90,7 @@ class ConnectionRejected:
     reason: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ErrorEvent:
     """An error: fatal ones stop the proxy, others restart the session."""
 

@@ -7,9 +7,11 @@ writing their JSON form is the configuration layer's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 from typing import Mapping
+
+from localproxy.records import record
 
 V1 = "aws.iot.securetunneling-1.0"
 V2 = "aws.iot.securetunneling-2.0"
@@ -22,7 +24,7 @@ _DEFAULT_OVERRIDES = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Settings:
     """Values of the ``tunneling.proxy`` settings tree, typed."""
 

@@ -1,16 +1,17 @@
 """Types every layer shares: the proxy's mode, where the service is, what a service maps to.
 
-At the bottom of the package (imports only :mod:`localproxy.errors`), so that the
-tunnel state machine, the I/O layers and the configuration layer can all use them.
+At the bottom of the package (imports only :mod:`localproxy.errors` and
+:mod:`localproxy.records`), so that the tunnel state machine, the I/O layers and the
+configuration layer can all use them.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Mapping, Union
 
 from localproxy.errors import UsageError
+from localproxy.records import record
 
 # The key of the single unnamed mapping (``-s 5555`` / ``-d 22``): the V1 form,
 # serving the tunnel's only service or a tunnel without services.
@@ -22,7 +23,7 @@ class Mode(str, enum.Enum):
     DESTINATION = "destination"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ServiceEndpoint:
     """Where the Secure Tunneling service is: host, port and whether TLS is used."""
 
@@ -60,14 +61,14 @@ class ServiceEndpoint:
         return cls(host=host, port=port, tls=tls)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SourcePort:
     """Source mode: the local TCP port to listen on for a service (0 picks one)."""
 
     port: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SourceUnixSocket:
     """Source mode: the Unix socket path to listen on for a service (created 0600)."""
 
@@ -77,7 +78,7 @@ class SourceUnixSocket:
         return self.path
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InProcess:
     """Source mode: no listener; connections come only from ``LocalProxy.open_connection``
     and ``LocalProxy.connect_socket`` (tools that embed the proxy, ``--stdio``)."""
@@ -87,7 +88,7 @@ class InProcess:
 SourceTarget = Union[SourcePort, SourceUnixSocket, InProcess]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DestinationTarget:
     """Destination mode: where to connect for a service: host:port or a Unix socket."""
 

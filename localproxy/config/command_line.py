@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import urllib.parse
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from localproxy.config.mappings import (
@@ -32,6 +31,7 @@ from localproxy.config.settings_json import load_settings_json
 from localproxy.errors import ConfigError, UsageError
 from localproxy.ops.files import ca_directory_problem
 from localproxy.ops.logs import LOG_FORMATS, register_secret
+from localproxy.records import record
 from localproxy.settings import Settings
 from localproxy.types import (
     V1_SERVICE,
@@ -85,7 +85,7 @@ def exposed_metrics_warning(address: str) -> str:
     )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ParsedCommand:
     """What the command line asks for. ``config`` is None for help/version/export."""
 

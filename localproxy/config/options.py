@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 import textwrap
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from localproxy.errors import ConfigError, UsageError
 from localproxy.ops.files import MAX_CONFIG_BYTES, read_user_text
+from localproxy.records import record
 
 # name -> value; flags (no argument) map to True.
 RawOptions = dict[str, "str | bool"]
@@ -22,7 +22,7 @@ RawOptions = dict[str, "str | bool"]
 TRY_HELP = "Try 'localproxy --help' for a list of options."
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OptionSpec:
     """One option: long name (the key everywhere), short letter, value or flag."""
 

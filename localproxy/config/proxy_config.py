@@ -15,15 +15,16 @@ Tokens are kept out of ``repr`` so that logging a config never leaks them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 from typing import Mapping
 
+from localproxy.records import record
 from localproxy.settings import Settings
 from localproxy.types import Mode, ServiceEndpoint, ServiceTarget
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProxyConfig:
     """Everything one local proxy needs. Immutable; tokens never in repr."""
 

@@ -14,11 +14,11 @@ imported; without ``NOTIFY_SOCKET`` nothing is sent.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from localproxy.ops.sdnotify import ServiceNotifier, watchdog_interval
 from localproxy.ops.stats import AgentStats, ProxyStats
+from localproxy.records import record
 
 if TYPE_CHECKING:
     from localproxy.ops.metrics import Gathered, MetricsServer
@@ -28,7 +28,7 @@ __all__ = ["OpsOptions", "Operations", "agent_status", "proxy_status"]
 DEFAULT_METRICS_BIND = "127.0.0.1"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OpsOptions:
     """``--metrics-port`` (None: no exporter; 0 picks a port) and ``--metrics-bind``."""
 

@@ -16,8 +16,9 @@ schedules the flush: :mod:`localproxy.ops.peerlog`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Hashable
+
+from localproxy.records import record
 
 __all__ = ["BURST", "MAX_KEYS", "WINDOW", "RateLimiter", "Summary", "escape", "summary_text"]
 
@@ -26,7 +27,7 @@ WINDOW = 10.0  # seconds
 MAX_KEYS = 512  # keys tracked at once (the oldest is dropped, its summary handed out)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Summary:
     """``count`` lines of ``key`` were suppressed over ``seconds``; ``last`` is the latest one's text."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import MappingProxyType
 from typing import Any
 
@@ -36,6 +36,7 @@ from localproxy.events import (
     Disconnected,
     Event,
 )
+from localproxy.records import record
 
 __all__ = ["REFUSAL_CLASSES", "ProxyCounters", "ProxyStats", "refusal_class"]
 
@@ -58,7 +59,7 @@ def _frozen(mapping: Mapping[str, int]) -> Mapping[str, int]:
     return MappingProxyType(dict(mapping))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProxyStats:
     """One proxy's counters at one moment. Per-service maps are keyed by service id
     ("" for the single unnamed V1 mapping). Totals count since the proxy started."""
@@ -80,7 +81,7 @@ class ProxyStats:
     ping_rtt: float | None  # seconds, of the last websocket ping answered; None if unknown
 
 
-@dataclass
+@record
 class ProxyCounters:
     """The session-level counters a LocalProxy keeps (updated from its events)."""
 
@@ -143,7 +144,7 @@ class ProxyCounters:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AgentStats:
     """A :class:`~localproxy.agent.DeviceAgent`'s counters and its proxies' snapshots."""
 

@@ -12,9 +12,8 @@ once with ``codec.encode_frame`` and only adds the payload length per frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from localproxy.errors import LocalProxyError
+from localproxy.records import record
 from localproxy.types import DestinationTarget
 from localproxy.wire.codec import BytesLike, Message, MessageType, encode_frame
 from localproxy.wire.varint import encode_length_varint
@@ -38,7 +37,7 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Send:
     """Send one control frame; its place in the order (see ``scheduler.py``):
 
@@ -56,7 +55,7 @@ class Send:
         return [self.frame]
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class SendData:
     """Send ``data`` of local connection ``key`` as DATA frames built by ``framer``."""
 
@@ -71,7 +70,7 @@ class SendData:
         return self.framer.frames(self.data)
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Write:
     """Write ``data`` to local connection ``key`` (buffer it if still connecting)."""
 
@@ -79,7 +78,7 @@ class Write:
     data: BytesLike
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Close:
     """Close local connection ``key``: after writing what is queued if ``flush``, else abort."""
 
@@ -87,7 +86,7 @@ class Close:
     flush: bool = True
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Connect:
     """Destination: open a local connection ``key`` to ``target``; report with ``connect_result``."""
 
@@ -96,21 +95,21 @@ class Connect:
     target: DestinationTarget
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Hold:
     """Source: stop reading local connection ``key`` until :class:`Release` (V1/V2 queue)."""
 
     key: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Release:
     """Source: resume reading a held local connection ``key``: its stream has started."""
 
     key: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Listen:
     """Source: accept local connections for ``service_id`` on TCP ``port`` (0: pick one),
     or on the Unix socket ``unix_path`` when it is set."""
@@ -120,12 +119,12 @@ class Listen:
     unix_path: str | None = None
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class StopListen:
     service_id: str
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Log:
     """A line for ``logging`` at ``level`` (a ``logging`` level number).
 
@@ -139,14 +138,14 @@ class Log:
     key: str | None = None
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Fatal:
     """Stop the proxy with this error (its message is for the user)."""
 
     error: LocalProxyError
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class RestartSession:
     """Drop this websocket session and reconnect (a data error with reconnect_on_data_error)."""
 

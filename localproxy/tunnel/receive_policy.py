@@ -22,14 +22,14 @@ the decision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from localproxy.records import record
 
 __all__ = ["RESUME_FRACTION", "ReceiveDecision", "ReceiveGate"]
 
 RESUME_FRACTION = 0.75
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ReceiveDecision:
     read: bool  # read the websocket
     reset: int | None = None  # reset this local connection (the one holding the most)

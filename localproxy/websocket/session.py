@@ -34,7 +34,6 @@ import socket
 import ssl
 import sys
 import urllib.parse
-from dataclasses import dataclass
 from typing import TypedDict
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -59,6 +58,7 @@ from localproxy.errors import (
     ProtocolError,
     UsageError,
 )
+from localproxy.records import record
 from localproxy.settings import Settings
 from localproxy.tokens.source import register_secret
 from localproxy.websocket.connection import TunnelConnection
@@ -81,7 +81,7 @@ DEFAULT_MAX_DELAY_MS = 30_000  # backoff cap
 DEFAULT_PROXY_PORT = 3128  # HTTPS_PROXY without a port (same as the reference)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SessionInfo:
     """What the 101 reply told us: the negotiated subprotocol and the channel id."""
 
