@@ -90,10 +90,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 DEFERRED_IMPORTS = ("importlib.metadata", "urllib.request")
 
 
+def _token_bytes(nbytes: int | None = None) -> bytes:
+    """``secrets.token_bytes``: ``os.urandom`` (secrets' SystemRandom.randbytes is that)."""
+    return os.urandom(32 if nbytes is None else nbytes)
+
+
+def answered_imports() -> dict[str, dict[str, object]]:
+    """Modules whose one use on the run path is answered without loading them (issue 21).
+
+    ``uuid`` (websockets imports it) calls only ``platform.system()`` (~2 ms of import);
+    websockets uses only ``secrets.token_bytes`` and ``hashlib.sha1`` (the handshake's
+    key, and masks), which pull in ``hmac`` and OpenSSL's digest table (~2 ms, ~0.6 MiB).
+    Each answer is what the module's own function does; anything else loads the module.
+    """
+    answers: dict[str, dict[str, object]] = {"secrets": {"token_bytes": _token_bytes}}
+    if hasattr(os, "uname"):  # POSIX: platform.system() is uname's sysname
+        answers["platform"] = {"system": lambda: os.uname().sysname}
+    try:  # a build without the builtin sha1 (OpenSSL only) keeps hashlib as it is
+        from _sha1 import sha1
+    except ImportError:
+        pass
+    else:
+        answers["hashlib"] = {"sha1": sha1}
+    return answers
+
+
 def defer_unused_imports() -> None:
-    """Load :data:`DEFERRED_IMPORTS` only if something uses them (``runtime.defer_import``)."""
+    """Load :data:`DEFERRED_IMPORTS` and :func:`answered_imports` only if something uses
+    more of them (``runtime.defer_import``)."""
     for name in DEFERRED_IMPORTS:
         defer_import(name)
+    for name, answers in answered_imports().items():
+        defer_import(name, answers)
 
 
 def version_text() -> str:

@@ -153,3 +153,35 @@ async def test_idle_proxies_load_neither_ctypes_nor_the_other_loop(emulator: obj
         for child in (source, destination):
             assert await asyncio.wait_for(child.stop(), 15) == 0
         server.close()
+
+
+ANSWERED_PROBE = """
+import json, os, sys
+import localproxy.cli
+localproxy.cli.defer_unused_imports()  # as main() does
+import localproxy.serve, localproxy.proxy.local_proxy, localproxy.config.command_line
+import uuid  # websockets imports it; it calls platform.system() at import
+real = {name: type(sys.modules.get(name)).__name__ == "module"
+        for name in ("platform", "hashlib", "_hashlib", "secrets", "hmac")}
+import hashlib, platform, secrets
+answered = {"sha1": hashlib.sha1(b"abc").hexdigest(), "token": [len(secrets.token_bytes(4)), len(secrets.token_bytes())],
+            "system": platform.system(), "still_deferred": type(sys.modules["hashlib"]).__name__}
+# Anything not answered loads the real module, through the stand-in too.
+loaded = {"sha256": hashlib.sha256(b"abc").hexdigest(), "machine": platform.machine() == os.uname().machine,
+          "hex": len(secrets.token_hex(3)), "hashlib": type(sys.modules["hashlib"]).__name__,
+          "sha1_now": hashlib.sha1.__name__}
+print(json.dumps({"real": real, "answered": answered, "loaded": loaded, "uname": os.uname().sysname}))
+"""
+
+
+def test_the_run_path_answers_what_websockets_and_uuid_use_without_loading_the_modules() -> None:
+    done = subprocess.run([sys.executable, "-c", ANSWERED_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["real"] == {"platform": False, "hashlib": False, "_hashlib": False, "secrets": False, "hmac": False}
+    assert result["answered"] == {"sha1": "a9993e364706816aba3e25717850c26c9cd0d89d", "token": [4, 32],
+                                  "system": result["uname"], "still_deferred": "_DeferredModule"}
+    assert result["loaded"] == {"sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+                                "machine": True, "hex": 6, "hashlib": "module",
+                                "sha1_now": result["loaded"]["sha1_now"]}
+    assert result["loaded"]["sha1_now"] in ("openssl_sha1", "sha1")

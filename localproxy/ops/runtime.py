@@ -63,13 +63,16 @@ class _DeferredModule(types.ModuleType):
         return getattr(real, attribute)
 
 
-def defer_import(name: str) -> bool:
+def defer_import(name: str, answers: dict[str, Any] | None = None) -> bool:
     """Make ``import name`` cheap: the module loads when one of its attributes is first used.
 
     For modules a dependency imports but a run does not use (start-up time and
     memory on small devices). ``importlib.util.LazyLoader`` does not do it: the
     ``import`` statement reads ``__spec__``, which loads a lazy module at once.
-    False if already imported or not found.
+    ``answers``: attributes the stand-in has without loading the module, each
+    doing exactly what the module's own does (``platform.system``, which ``uuid``
+    calls at import): any other attribute loads the module, whose own then replace
+    them. False if already imported or not found.
     """
     if name in sys.modules:
         return False
@@ -78,6 +81,7 @@ def defer_import(name: str) -> bool:
         return False
     stand_in = _DeferredModule(name)
     stand_in.__spec__ = spec
+    stand_in.__dict__.update(answers or {})
     parent, _, child = name.rpartition(".")
     sys.modules[name] = stand_in
     if parent:
