@@ -107,7 +107,7 @@ def answered_imports() -> dict[str, dict[str, object]]:
     if hasattr(os, "uname"):  # POSIX: platform.system() is uname's sysname
         answers["platform"] = {"system": lambda: os.uname().sysname}
     try:  # a build without the builtin sha1 (OpenSSL only) keeps hashlib as it is
-        from _sha1 import sha1
+        from _sha1 import sha1  # type: ignore[import-not-found]
     except ImportError:
         pass
     else:
