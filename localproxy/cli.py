@@ -17,7 +17,7 @@ from localproxy.config.options import TRY_HELP, help_text
 from localproxy.config.settings_json import export_settings
 from localproxy.errors import ExitCode, LocalProxyError, UsageError
 from localproxy.ops.logs import redact, setup_logging
-from localproxy.ops.runtime import defer_import, run_program
+from localproxy.ops.runtime import defer_import, resume_collector, run_program
 
 __all__ = ["main", "parse_command_line", "ParsedCommand", "version_text"]
 
@@ -29,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["connect"]:  # ``localproxy connect THING SERVICE`` (no reference flag is a bare word)
         from localproxy.connect.cli import main as connect_main
+
+        resume_collector()  # it runs for as long as the ssh session
 
         return connect_main(arguments[1:])
     try:
@@ -70,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         log.critical("The proxy engine (localproxy.proxy.local_proxy) cannot be loaded: %s", exc)
         return ExitCode.INTERNAL
+    resume_collector()  # the imports are done (see localproxy/__main__.py)
     try:
         operations = OpsOptions(parsed.metrics_port, parsed.metrics_bind)
         if parsed.stdio_service is not None:

@@ -185,3 +185,72 @@ def test_the_run_path_answers_what_websockets_and_uuid_use_without_loading_the_m
                                 "machine": True, "hex": 6, "hashlib": "module",
                                 "sha1_now": result["loaded"]["sha1_now"]}
     assert result["loaded"]["sha1_now"] in ("openssl_sha1", "sha1")
+
+
+# --- the collector: paused while the entry point imports (issue 21) ---------------------------
+
+COLLECTOR_PROBE = """
+import gc, json, sys
+import localproxy.cli
+import localproxy.ops.runtime as runtime
+seen = {}
+resume = sys.argv[1] == "resume"
+def fake_main(argv=None):
+    seen["during"] = gc.isenabled()
+    seen["flag"] = runtime.collector_paused
+    if resume:
+        runtime.resume_collector()
+        seen["after_resume"] = gc.isenabled()
+        runtime.resume_collector()  # once only
+    return 3
+localproxy.cli.main = fake_main
+import localproxy.__main__ as entry
+code = entry.main()
+print(json.dumps({**seen, "code": code, "end": gc.isenabled(), "frozen": gc.get_freeze_count() > 0,
+                  "flag_end": runtime.collector_paused}))
+"""
+
+
+def collector_probe(mode: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-c", COLLECTOR_PROBE, mode], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_the_entry_point_pauses_the_collector_until_the_cli_resumes_it() -> None:
+    assert collector_probe("resume") == {"during": False, "flag": True, "after_resume": True, "code": 3,
+                                         "end": True, "frozen": True, "flag_end": False}
+    # A path that never resumes it (--help, a usage error) gets it back on the way out.
+    assert collector_probe("no") == {"during": False, "flag": True, "code": 3, "end": True, "frozen": True,
+                                     "flag_end": False}
+
+
+def test_the_proxy_runs_with_the_collector(monkeypatch: object) -> None:
+    """cli.main resumes it once the imports are done, before the loop runs."""
+    import gc
+
+    import pytest
+
+    import localproxy.cli as cli
+    from localproxy.ops import runtime
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    seen: dict[str, bool] = {}
+
+    def fake_run_program(coroutine: object, **kwargs: object) -> int:
+        seen["enabled"] = gc.isenabled()
+        coroutine.close()  # type: ignore[attr-defined]
+        return 0
+
+    monkeypatch.setattr(cli, "run_program", fake_run_program)
+    monkeypatch.setenv("AWSIOT_TUNNEL_ACCESS_TOKEN", "a-token")
+    was_enabled = gc.isenabled()
+    gc.disable()
+    monkeypatch.setattr(runtime, "collector_paused", True)
+    try:
+        assert cli.main(["-e", "ws://127.0.0.1:9", "-s", "5555"]) == 0
+        assert seen == {"enabled": True} and runtime.collector_paused is False
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import importlib.util
 import os
@@ -89,6 +90,24 @@ def defer_import(name: str, answers: dict[str, Any] | None = None) -> bool:
     return True
 
 
+# Set by the ``localproxy`` entry point (``localproxy/__main__.py``) when it paused the
+# cyclic collector for start-up's imports; :func:`resume_collector` undoes it once.
+collector_paused = False
+
+
+def resume_collector() -> None:
+    """Run the cyclic collector again if the entry point paused it (else nothing).
+
+    The objects start-up made (modules, classes) are frozen first: they live as long
+    as the process, and later full collections need not walk them again.
+    """
+    global collector_paused
+    if collector_paused:
+        collector_paused = False
+        gc.freeze()
+        gc.enable()
+
+
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The loop factory :envvar:`LOCALPROXY_EVENT_LOOP` asks for (None: asyncio's own loop).
 
@@ -119,6 +138,7 @@ def run_program(coroutine: Coroutine[Any, Any, T], *, tune_memory: bool = True) 
     ``tune_memory``: :func:`tune_allocator` first (False: the program calls it when
     data starts to flow, so that an idle process does not load ``ctypes`` for it).
     """
+    resume_collector()  # a long run must not go without it (a no-op unless paused)
     try:
         loop_factory = event_loop_factory()
     except BaseException:
