@@ -213,3 +213,84 @@ def test_connect_failure_advice_names_the_limits() -> None:
     assert "ulimit -n" in emfile and "LimitNOFILE=" in emfile
     assert "fs.file-max" in exhaustion_advice(OSError(errno.ENFILE, "Too many open files in system"))
     assert exhaustion_advice(OSError(errno.ECONNREFUSED, "Connection refused")) == ""
+
+
+CONNECT_SERVER_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, resource, socket, sys, tempfile
+
+    from localproxy.connect.server import accept_forever
+    from localproxy.ops.logs import setup_logging
+    from localproxy.ops.runtime import run_program
+
+    LIMIT, CLIENTS = int(sys.argv[1]), int(sys.argv[3])
+
+    async def main() -> None:
+        setup_logging(4, sys.stdout)
+        loop = asyncio.get_running_loop()
+        path = os.path.join(tempfile.mkdtemp(), "attach.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        listener.setblocking(False)
+        accepted = 0
+        done = asyncio.Event()
+
+        def handle(conn: socket.socket) -> None:  # holds each client for a while: descriptors run out
+            nonlocal accepted
+            accepted += 1
+            print("ACCEPTED", accepted, flush=True)
+            loop.call_later(1.0, conn.close)
+            if accepted == CLIENTS:
+                done.set()
+
+        task = asyncio.ensure_future(accept_forever(listener, handle))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        print("PATH", path, flush=True)
+        await asyncio.wait_for(done.wait(), 60)
+        assert not task.done()
+        task.cancel()
+        print("ALL ACCEPTED", flush=True)
+
+    if sys.argv[2] == "uvloop":
+        run_program(main())
+    else:
+        asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+async def test_connect_server_accept_out_of_descriptors_is_logged_and_recovers(loop_kind: str) -> None:
+    """The shared source of ``localproxy connect`` keeps accepting (and its sessions) when
+    descriptors run out, instead of ending with every ssh session through it."""
+    if loop_kind == "uvloop":
+        pytest.importorskip("uvloop")
+    clients_count = 40
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CONNECT_SERVER_CHILD, "24", loop_kind, str(clients_count),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    child = Child(process)
+    clients: list[socket.socket] = []
+    try:
+        path = (await child.wait_line(r"^PATH ")).split(" ", 1)[1]
+        loop = asyncio.get_running_loop()
+        for _ in range(clients_count):  # more than the child's 24 descriptors, all at once
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, path)  # the kernel's backlog takes them
+            clients.append(sock)
+        line = await child.wait_line(r"cannot accept a connect client")
+        assert "Too many open files" in line and "ulimit -n" in line and "[error]" in line
+        await child.wait_line(r"accepting connect clients again")
+        await child.wait_line(r"^ALL ACCEPTED", timeout=60)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        for sock in clients:
+            sock.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    failures = [line for line in child.lines if "cannot accept a connect client" in line]
+    assert 1 <= len(failures) <= 6, failures  # rate-limited: not one line per failed accept

@@ -24,6 +24,8 @@ from localproxy.connect.attach import MAX_LINE, Reply, Request
 from localproxy.connect.paths import SharedPaths
 from localproxy.connect.source import SourceOptions, ThingSource
 from localproxy.errors import ExitCode, LocalProxyError
+from localproxy.local.listeners import ACCEPT_RETRY, exhaustion_advice
+from localproxy.ops.peerlog import PeerLog
 from localproxy.ops.runtime import stop_on_signals
 
 log = logging.getLogger("localproxy.connect")
@@ -89,12 +91,12 @@ class SharedServer:
         return ExitCode.OK
 
     async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(listener)
-            task = asyncio.ensure_future(self._attach(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        await accept_forever(listener, self._attach_in_task)
+
+    def _attach_in_task(self, conn: socket.socket) -> None:
+        task = asyncio.ensure_future(self._attach(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- one attached client --------------------------------------------------------
 
@@ -175,6 +177,39 @@ class SharedServer:
                 self.paths.status.write_text(json.dumps(status), encoding="utf-8")
         if self.source.fatal is not None:
             self.stop.set()
+
+
+async def accept_forever(
+    listener: socket.socket, handle: Callable[[socket.socket], None], peer_log: PeerLog | None = None
+) -> None:
+    """Hand each accepted connection to ``handle``, until cancelled.
+
+    Out of descriptors (EMFILE, ENFILE...), the failure is logged (rate-limited, with
+    what to raise) and accepting resumes every :data:`ACCEPT_RETRY` s, the clients
+    waiting in the backlog meanwhile: the shared source and its sessions live on
+    (before, the failed accept ended the server and every ssh session through it).
+    """
+    loop = asyncio.get_running_loop()
+    peer_log = peer_log or PeerLog()
+    failing = False
+    while True:
+        try:
+            conn, _ = await loop.sock_accept(listener)
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            continue
+        except OSError as exc:
+            failing = True
+            peer_log.log(
+                log, logging.ERROR, "attach-accept-failed",
+                "cannot accept a connect client: %s%s; clients wait in the backlog, retrying every %g s",
+                exc.strerror or exc, exhaustion_advice(exc), ACCEPT_RETRY,
+            )
+            await asyncio.sleep(ACCEPT_RETRY)
+            continue
+        if failing:
+            failing = False
+            peer_log.log(log, logging.WARNING, "attach-accept-resumed", "accepting connect clients again")
+        handle(conn)
 
 
 async def _read_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
