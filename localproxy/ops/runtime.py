@@ -138,7 +138,6 @@ def run_program(coroutine: Coroutine[Any, Any, T], *, tune_memory: bool = True) 
     ``tune_memory``: :func:`tune_allocator` first (False: the program calls it when
     data starts to flow, so that an idle process does not load ``ctypes`` for it).
     """
-    resume_collector()  # a long run must not go without it (a no-op unless paused)
     try:
         loop_factory = event_loop_factory()
     except BaseException:
